@@ -1,0 +1,14 @@
+"""
+ksm-guard's pyinfra deploy: runs on every host the mode its data names.
+
+    pyinfra inventories/prod.py deploy.py --dry                      # audit (the default)
+    pyinfra inventories/prod.py deploy.py --data ksm_mode=disable    # units off, run=0, persisted
+    pyinfra inventories/prod.py deploy.py --data ksm_mode=unmerge    # disable + run=2, preflighted
+    pyinfra inventories/prod.py deploy.py --data ksm_mode=enable     # roll back
+
+Options (host data, or --data): ksm_mask=true, ksm_force=true, ksm_max_fraction=0.5.
+"""
+
+from operations import modes
+
+modes.run_from_host_data()

@@ -1,0 +1,3 @@
+"""This machine, through pyinfra's embedded ``@local`` connector (the CLI's default)."""
+
+local = ["@local"]

@@ -1,0 +1,201 @@
+"""The KSM picture of one host, gathered in a single remote command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyinfra.api import FactBase
+from pyinfra.api.exceptions import FactProcessError
+
+KSM_DIR = "/sys/kernel/mm/ksm"
+RUN_PATH = f"{KSM_DIR}/run"
+UNITS = ("ksmtuned.service", "ksm.service")
+PERSIST_PATH = "/etc/tmpfiles.d/ksm-guard.conf"
+PERSIST_LINE = f"w {RUN_PATH} - - - - 0"
+
+# Files under /sys/kernel/mm/ksm that hold something other than an integer.
+_TEXT_FILES = {"advisor_mode"}
+# Files that must hold integers; an unknown file keeps its text when it is not one.
+_INT_FILES = {
+    "run", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+    "pages_scanned", "pages_skipped", "full_scans", "general_profit", "ksm_zero_pages",
+    "sleep_millisecs", "pages_to_scan", "merge_across_nodes", "use_zero_pages",
+    "max_page_sharing", "stable_node_chains", "stable_node_dups",
+    "stable_node_chains_prune_millisecs", "smart_scan", "advisor_max_cpu",
+    "advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time",
+}  # fmt: skip
+_SECTIONS = ("meta", "meminfo", "ksm", "units", "persist")
+
+# Each section starts with a marker line, so that every output line is accounted for.
+KSM_HOST_COMMAND = "; ".join(
+    (
+        "echo '## meta'",
+        'echo "uid=$(id -u)"',
+        'echo "pagesize=$(getconf PAGESIZE)"',
+        "echo '## meminfo'",
+        "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
+        "echo '## ksm'",
+        f"if test -d {KSM_DIR}; then grep -H . {KSM_DIR}/*; else echo absent; fi",
+        "echo '## units'",
+        "if test -d /run/systemd/system; then systemctl show"
+        " --property=Id,LoadState,ActiveState,UnitFileState " + " ".join(UNITS) + "; "
+        "else echo no-systemd; fi",
+        "echo '## persist'",
+        f"if grep -qsxF '{PERSIST_LINE}' {PERSIST_PATH}; then echo present; "
+        f"elif test -e {PERSIST_PATH}; then echo modified; else echo absent; fi",
+    )
+)
+
+
+def _fail(line: str, why: str) -> FactProcessError:
+    return FactProcessError(f"ksm-guard cannot parse {why}: {line!r}")
+
+
+def _parse_int(text: str, line: str, why: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _fail(line, why) from None
+
+
+def _parse_ksm_line(line: str, ksm: dict[str, Any]) -> None:
+    prefix = f"{KSM_DIR}/"
+    if not line.startswith(prefix) or ":" not in line:
+        raise _fail(line, "a KSM sysfs line")
+    name, _, value = line[len(prefix) :].partition(":")
+    if "/" in name or not name:
+        raise _fail(line, "a KSM sysfs line")
+    if name in _TEXT_FILES:
+        # advisor_mode reads like "[none] scan-time": the bracketed word is in force.
+        chosen = [word[1:-1] for word in value.split() if word.startswith("[")]
+        if len(chosen) != 1:
+            raise _fail(line, f"KSM {name}")
+        ksm[name] = chosen[0]
+    elif name in _INT_FILES:
+        ksm[name] = _parse_int(value, line, f"KSM {name}")
+    else:
+        try:
+            ksm[name] = int(value)
+        except ValueError:
+            ksm[name] = value
+
+
+def _parse_unit_line(line: str, units: dict[str, dict[str, str]], current: list[str]) -> None:
+    key, sep, value = line.partition("=")
+    if not sep:
+        raise _fail(line, "a systemctl show line")
+    if key == "Id":
+        if value not in UNITS:
+            raise _fail(line, "a systemctl unit id")
+        current[:] = [value]
+        units[value] = {}
+        return
+    field = {"LoadState": "load", "ActiveState": "active", "UnitFileState": "unit_file"}.get(key)
+    if field is None or not current:
+        raise _fail(line, "a systemctl show line")
+    units[current[0]][field] = value
+
+
+def parse_ksm_host(output: list[str]) -> dict[str, Any]:
+    """Turn the output of ``KSM_HOST_COMMAND`` into the plain dict ``KsmHost`` returns."""
+    meta: dict[str, int] = {}
+    meminfo: dict[str, int] = {}
+    ksm: dict[str, Any] | None = {}
+    units: dict[str, dict[str, str]] = {}
+    current_unit: list[str] = []
+    systemd = True
+    persist: str | None = None
+    section: str | None = None
+    seen: list[str] = []
+
+    for raw in output:
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("## "):
+            section = line[3:]
+            if section not in _SECTIONS or section in seen:
+                raise _fail(line, "a section marker")
+            seen.append(section)
+            continue
+        if section == "meta":
+            key, sep, value = line.partition("=")
+            if not sep or key not in ("uid", "pagesize"):
+                raise _fail(line, "a host meta line")
+            meta[key] = _parse_int(value, line, key)
+        elif section == "meminfo":
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if key not in ("MemTotal", "MemAvailable") or len(parts) != 2 or parts[1] != "kB":
+                raise _fail(line, "a /proc/meminfo line")
+            meminfo[key] = _parse_int(parts[0], line, key) * 1024
+        elif section == "ksm":
+            if line == "absent" and ksm == {}:
+                ksm = None
+            elif ksm is None:
+                raise _fail(line, "KSM output after 'absent'")
+            else:
+                _parse_ksm_line(line, ksm)
+        elif section == "units":
+            if line == "no-systemd" and not units and systemd:
+                systemd = False
+            else:
+                _parse_unit_line(line, units, current_unit)
+        elif section == "persist":
+            if persist is not None or line not in ("present", "absent", "modified"):
+                raise _fail(line, "the persistence state")
+            persist = line
+        else:
+            raise _fail(line, "a line outside any section")
+
+    missing = [name for name in _SECTIONS if name not in seen]
+    if missing:
+        raise FactProcessError(f"ksm-guard fact output lacks section(s): {', '.join(missing)}")
+    if set(meta) != {"uid", "pagesize"} or set(meminfo) != {"MemTotal", "MemAvailable"}:
+        raise FactProcessError("ksm-guard fact output lacks uid, page size or memory figures")
+    if ksm is not None and "run" not in ksm:
+        raise FactProcessError(f"ksm-guard fact output has no {RUN_PATH}")
+    for unit in units.values():
+        unit.setdefault("unit_file", "")
+        if "load" not in unit or "active" not in unit:
+            raise FactProcessError("ksm-guard fact output has an incomplete unit block")
+
+    return {
+        "uid": meta["uid"],
+        "page_size": meta["pagesize"],
+        "mem_total": meminfo["MemTotal"],
+        "mem_available": meminfo["MemAvailable"],
+        "ksm": ksm,
+        "systemd": systemd,
+        "units": units,
+        "persist": persist or "absent",
+    }
+
+
+class KsmHost(FactBase[dict]):
+    """
+    Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
+    units, memory, page size, effective uid and the boot-persistence file.
+
+    .. code:: python
+
+        {
+            "uid": 0,
+            "page_size": 4096,
+            "mem_total": 8201744384,
+            "mem_available": 6012342272,
+            "ksm": {"run": 1, "pages_shared": 64, "pages_sharing": 16320, ...},  # None: no KSM
+            "systemd": True,
+            "units": {
+                "ksmtuned.service": {"load": "loaded", "active": "active", "unit_file": "enabled"},
+                "ksm.service": {"load": "not-found", "active": "inactive", "unit_file": ""},
+            },
+            "persist": "absent",  # or "present", "modified"
+        }
+    """
+
+    def command(self) -> str:
+        return KSM_HOST_COMMAND
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        return parse_ksm_host(output)
