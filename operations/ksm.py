@@ -74,8 +74,12 @@ def _needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
     )
 
 
-def _host_state() -> dict[str, Any]:
-    return host.get_fact(KsmHost)
+def _host_state() -> dict[str, Any] | None:
+    """The KsmHost fact, or None (after a noop) when it could not be read: the host has failed."""
+    fact = host.get_fact(KsmHost)
+    if fact is None:
+        host.noop("KSM state could not be read")
+    return fact
 
 
 @operation()
@@ -90,6 +94,8 @@ def services_disabled(mask: bool = False) -> Generator[Any, None, None]:
         ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=True)
     """
     fact = _host_state()
+    if fact is None:
+        return
     if not fact["systemd"]:
         host.noop("systemd is not running: no KSM units to switch off")
         return
@@ -135,6 +141,8 @@ def merging_stopped() -> Generator[Any, None, None]:
         ksm.merging_stopped(name="Stop KSM merging")
     """
     fact = _host_state()
+    if fact is None:
+        return
     ksm = fact["ksm"]
     if ksm is None:
         host.noop(f"kernel has no KSM ({KSM_DIR} is absent)")
@@ -163,6 +171,8 @@ def boot_persisted(present: bool = True) -> Generator[Any, None, None]:
         ksm.boot_persisted(name="Keep KSM off at boot", present=True)
     """
     fact = _host_state()
+    if fact is None:
+        return
     if not fact["systemd"]:
         host.noop("systemd is not running: boot persistence is not managed")
         return
@@ -202,6 +212,8 @@ def unmerged(
         ksm.unmerged(name="Unmerge KSM pages", max_fraction=0.5)
     """
     fact = _host_state()
+    if fact is None:
+        return
     ksm = fact["ksm"]
     if ksm is None:
         host.noop(f"kernel has no KSM ({KSM_DIR} is absent)")
@@ -241,6 +253,8 @@ def services_enabled() -> Generator[Any, None, None]:
         ksm.services_enabled(name="Switch ksmtuned back on")
     """
     fact = _host_state()
+    if fact is None:
+        return
     if not fact["systemd"]:
         host.noop("systemd is not running: no KSM units to switch on")
         return
@@ -300,7 +314,10 @@ def audited(max_fraction: float = DEFAULT_MAX_FRACTION) -> Generator[Any, None, 
 
         ksm.audited(name="Audit KSM")
     """
-    record = audit_record(_host_state(), max_fraction)
+    fact = _host_state()
+    if fact is None:
+        return
+    record = audit_record(fact, max_fraction)
     logger.info(f"{host.print_prefix}KSM {audit_line(record)}")
     host.noop(f"KSM verdict is {record['verdict']}")
     yield from ()

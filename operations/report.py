@@ -100,7 +100,6 @@ def audit_record(
     units = fact.get("units") or {}
     record: dict[str, Any] = {
         "verdict": verdict(fact),
-        "detail": None,
         "ksm_supported": ksm is not None,
         "run": ksm.get("run") if ksm else None,
         "pages_shared": ksm.get("pages_shared", 0) if ksm else 0,

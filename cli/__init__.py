@@ -1,0 +1,3 @@
+"""ksm-guard's command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""``python -m cli`` runs ksm-guard."""
+
+from .main import main
+
+main()

@@ -1,0 +1,217 @@
+"""The ``ksm-guard`` command line: thin typer commands over ``cli.engine``."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from . import __version__
+
+EXIT_CODES = (
+    "Exit codes: 0 all hosts compliant (audit) or all changes done; "
+    "1 a host is non-compliant (audit) or a change failed or was refused; "
+    "2 usage error (bad option, missing or broken inventory); "
+    "3 a host was unreachable or its state could not be read."
+)
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=f"Find and shut off Kernel Samepage Merging (KSM) across a fleet.\n\n{EXIT_CODES}",
+)
+
+
+def _fraction(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not in the range 0 < x <= 1")
+    return value
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+InventoryOpt = Annotated[
+    str,
+    typer.Option(
+        "--inventory",
+        "-i",
+        envvar="KSM_GUARD_INVENTORY",
+        help="pyinfra inventory file, '@local' (this machine) or host1,host2.",
+    ),
+]
+LimitOpt = Annotated[
+    list[str] | None,
+    typer.Option("--limit", help="Only these hosts or groups (globs allowed); repeatable."),
+]
+OutputOpt = Annotated[
+    Output, typer.Option("--output", "-o", envvar="KSM_GUARD_OUTPUT", help="Result format.")
+]
+ParallelOpt = Annotated[
+    int, typer.Option("--parallel", min=0, help="Hosts at once (0: pyinfra's default).")
+]
+SerialOpt = Annotated[bool, typer.Option("--serial", help="Change one host after the other.")]
+SudoOpt = Annotated[
+    bool, typer.Option("--sudo", envvar="KSM_GUARD_SUDO", help="Run remote commands with sudo.")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Show per host what would change; change nothing.")
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+MaskOpt = Annotated[
+    bool, typer.Option("--mask", help="Also mask the units (survives package reinstalls).")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Unmerge even when the memory preflight refuses.")
+]
+MaxFractionOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-fraction",
+        callback=lambda value: _fraction(value),
+        envvar="KSM_GUARD_MAX_FRACTION",
+        help="Refuse an unmerge needing more than this share of MemAvailable [default: 0.5].",
+    ),
+]
+TimeoutOpt = Annotated[
+    int, typer.Option("--connect-timeout", min=1, help="Seconds to wait for each host's SSH.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show pyinfra's log on stderr.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ksm-guard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Find and shut off Kernel Samepage Merging (KSM) across a fleet."""
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _execute(mode: str, output: Output, yes: bool, verbose: bool, **options: object) -> None:
+    from . import render
+    from .engine import EXIT_USAGE, Request, RunResult, UsageError, run
+
+    request = Request(mode=mode, **options)  # type: ignore[arg-type]
+    interactive = sys.stdin.isatty()
+    if mode != "audit" and not request.dry_run and not yes and not interactive:
+        _err(f"ksm-guard: refusing to {mode} without confirmation: pass --yes (no terminal)")
+        raise typer.Exit(EXIT_USAGE)
+
+    def confirm(plan: RunResult) -> bool:
+        if yes:
+            return True
+        _err(render.table(plan))
+        return typer.confirm(f"Apply '{mode}' to these hosts?", default=False, err=True)
+
+    echo = _err if (verbose or sys.stderr.isatty()) else None
+    try:
+        result = run(request, confirm=confirm, echo=echo)
+    except UsageError as error:
+        _err(f"ksm-guard: {error}")
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(render.as_json(result) if output is Output.json else render.table(result))
+    for host in result.hosts:
+        if host.detail:
+            _err(f"ksm-guard: {host.host}: {host.verdict}: {host.detail}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command(epilog=EXIT_CODES)
+def audit(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    output: OutputOpt = Output.table,
+    parallel: ParallelOpt = 0,
+    sudo: SudoOpt = False,
+    max_fraction: MaxFractionOpt = None,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Report each host's KSM state and verdict; change nothing."""
+    _execute(
+        "audit", output, True, verbose, inventory=inventory, limit=limit or [],
+        parallel=parallel, sudo=sudo, max_fraction=max_fraction, connect_timeout=connect_timeout,
+    )  # fmt: skip
+
+
+@app.command(epilog=EXIT_CODES)
+def disable(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    output: OutputOpt = Output.table,
+    parallel: ParallelOpt = 0,
+    serial: SerialOpt = False,
+    mask: MaskOpt = False,
+    sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
+    _execute(
+        "disable", output, yes, verbose, inventory=inventory, limit=limit or [],
+        dry_run=dry_run, parallel=parallel, serial=serial, mask=mask, sudo=sudo,
+        connect_timeout=connect_timeout,
+    )  # fmt: skip
+
+
+@app.command(epilog=EXIT_CODES)
+def unmerge(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    output: OutputOpt = Output.table,
+    parallel: ParallelOpt = 0,
+    serial: SerialOpt = False,
+    mask: MaskOpt = False,
+    force: ForceOpt = False,
+    max_fraction: MaxFractionOpt = None,
+    sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Everything disable does, then unmerge the merged pages (run=2) after a memory check."""
+    _execute(
+        "unmerge", output, yes, verbose, inventory=inventory, limit=limit or [],
+        dry_run=dry_run, parallel=parallel, serial=serial, mask=mask, force=force,
+        max_fraction=max_fraction, sudo=sudo, connect_timeout=connect_timeout,
+    )  # fmt: skip
+
+
+@app.command(epilog=EXIT_CODES)
+def enable(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    output: OutputOpt = Output.table,
+    parallel: ParallelOpt = 0,
+    serial: SerialOpt = False,
+    sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
+    _execute(
+        "enable", output, yes, verbose, inventory=inventory, limit=limit or [],
+        dry_run=dry_run, parallel=parallel, serial=serial, sudo=sudo,
+        connect_timeout=connect_timeout,
+    )  # fmt: skip

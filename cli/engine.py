@@ -1,0 +1,269 @@
+"""Run one ksm-guard mode over an inventory through ``pyinfra.api`` and collect per-host results."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from operations.report import FAILED_VERDICTS, OK_VERDICTS, audit_record
+
+from .inventory import InventoryError, make_inventory
+
+# Exit codes, documented in the README and in ``ksm-guard --help``.
+EXIT_OK = 0
+EXIT_NONCOMPLIANT = 1  # audit: a host is exposed; change modes: a change failed or was refused
+EXIT_USAGE = 2  # Click's own usage errors, and a missing or unloadable inventory
+EXIT_UNREACHABLE = 3  # a host was unreachable or its state could not be read
+
+SCHEMA_VERSION = 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class UsageError(Exception):
+    """Bad input that changes nothing: reported on one line, exit code 2."""
+
+
+@dataclass
+class Request:
+    """What the user asked for."""
+
+    mode: str
+    inventory: str = "@local"
+    limit: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    parallel: int = 0
+    serial: bool = False
+    mask: bool = False
+    force: bool = False
+    sudo: bool = False
+    max_fraction: float | None = None
+    connect_timeout: int = 10
+
+
+@dataclass
+class HostResult:
+    """One host's outcome: its status, the changes (from → to) and its audit afterwards."""
+
+    host: str
+    status: str  # ok, changed, would-change, refused, failed, unreachable, error
+    detail: str | None = None
+    changes: list[str] = field(default_factory=list)
+    audit: dict[str, Any] | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.status in ("unreachable", "error"):
+            return self.status
+        return self.audit["verdict"] if self.audit else "error"
+
+
+@dataclass
+class RunResult:
+    """The whole run."""
+
+    mode: str
+    dry_run: bool
+    hosts: list[HostResult]
+
+    @property
+    def exit_code(self) -> int:
+        if any(h.verdict in FAILED_VERDICTS for h in self.hosts):
+            return EXIT_UNREACHABLE
+        if self.mode == "audit":
+            bad = any(h.verdict not in OK_VERDICTS for h in self.hosts)
+        else:
+            bad = any(h.status in ("refused", "failed") for h in self.hosts)
+        return EXIT_NONCOMPLIANT if bad else EXIT_OK
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for result in self.hosts:
+            counts[result.verdict] = counts.get(result.verdict, 0) + 1
+        return counts
+
+
+class _Capture(logging.Handler):
+    """Collects pyinfra's per-host log lines: our diffs and refusals, and error output."""
+
+    def __init__(self, echo: Callable[[str], None] | None) -> None:
+        super().__init__(logging.DEBUG)
+        self.changes: dict[str, list[str]] = {}
+        self.refusals: dict[str, str] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        host = getattr(record, "ksm_guard_host", None)
+        change = getattr(record, "ksm_guard_change", None)
+        refusal = getattr(record, "ksm_guard_refusal", None)
+        text = _ANSI.sub("", record.getMessage())
+        if host and change:
+            seen = self.changes.setdefault(host, [])
+            if change not in seen:
+                seen.append(change)
+        elif host and refusal:
+            self.refusals.setdefault(host, refusal)
+        elif record.levelno >= logging.ERROR:
+            match = re.match(r"\s*\[([^\]]+)\]\s*(.*)", text)
+            if match:
+                self.errors.setdefault(match.group(1), []).append(match.group(2).strip())
+        if self.echo and record.levelno >= logging.INFO:
+            self.echo(text)
+
+
+def _error_detail(lines: list[str]) -> str:
+    """The most telling line of a host's error output."""
+    useful = [
+        line
+        for line in lines
+        if line and not line.startswith(("Error: executed", "Error: could not", "Error"))
+    ]
+    for line in useful:
+        if re.search(
+            r"permission denied|not permitted|password is required|authentication", line, re.I
+        ):
+            return f"permission denied: {line}"
+    return (useful or lines or ["unknown error"])[0]
+
+
+def _override_data(request: Request) -> dict[str, Any]:
+    data: dict[str, Any] = {"ksm_mode": request.mode}
+    if request.mask:
+        data["ksm_mask"] = True
+    if request.force:
+        data["ksm_force"] = True
+    if request.max_fraction is not None:
+        data["ksm_max_fraction"] = request.max_fraction
+    return data
+
+
+def _gather(state: Any, hosts: list[Any]) -> dict[Any, dict[str, Any] | None]:
+    """Read the KsmHost fact on every host at once: one remote command each."""
+    import gevent
+    from pyinfra.api.facts import get_fact
+    from pyinfra.context import ctx_host, ctx_state
+
+    from operations.facts import KsmHost
+
+    def read(host: Any) -> dict[str, Any] | None:
+        with ctx_state.use(state), ctx_host.use(host):
+            try:
+                return get_fact(state, host, KsmHost, apply_failed_hosts=False)
+            except Exception as error:  # a dropped connection must not end the fleet run
+                logging.getLogger("pyinfra").error(f"[{host.name}] {error}")
+                return None
+
+    greenlets = {host: state.pool.spawn(read, host) for host in hosts}
+    gevent.joinall(list(greenlets.values()))
+    return {host: greenlet.value for host, greenlet in greenlets.items()}
+
+
+def run(
+    request: Request,
+    confirm: Callable[[RunResult], bool] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run ``request`` and report per host. ``confirm`` sees the plan of a change before it runs."""
+    from pyinfra.api import BaseStateCallback, Config, State
+    from pyinfra.api.connect import connect_all, disconnect_all
+    from pyinfra.api.deploy import add_deploy
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.operations import run_ops
+
+    from operations import modes
+
+    try:
+        inventory, chosen = make_inventory(
+            request.inventory, _override_data(request), request.limit
+        )
+    except InventoryError as error:
+        raise UsageError(str(error)) from None
+
+    config = Config(
+        PARALLEL=request.parallel,
+        CONNECT_TIMEOUT=request.connect_timeout,
+        SUDO=request.sudo,
+    )
+    state = State(check_for_changes=True)
+    state.init(inventory, config, initial_limit=[inventory.get_host(name) for name in chosen])
+
+    capture = _Capture(echo)
+    pyinfra_logger = logging.getLogger("pyinfra")
+    saved = (pyinfra_logger.level, pyinfra_logger.propagate)
+    pyinfra_logger.addHandler(capture)
+    pyinfra_logger.setLevel(logging.INFO)
+    pyinfra_logger.propagate = False
+
+    unreachable: dict[str, str] = {}
+
+    class ConnectErrors(BaseStateCallback):
+        @staticmethod
+        def host_connect_error(state: Any, host: Any, error: Any) -> None:
+            text = str(error.args[0] if getattr(error, "args", None) else error)
+            unreachable[host.name] = _ANSI.sub("", text)
+
+    state.add_callback_handler(ConnectErrors())
+
+    results: dict[str, HostResult] = {}
+    try:
+        with suppress(PyinfraError):  # every host failed to connect: reported below
+            connect_all(state)
+        for name in chosen:
+            if name in unreachable or not inventory.get_host(name).connected:
+                unreachable.setdefault(name, "could not connect")
+                results[name] = HostResult(name, "unreachable", detail=unreachable[name])
+        live = [inventory.get_host(name) for name in chosen if name not in results]
+
+        if request.mode != "audit" and live:
+            with suppress(PyinfraError):  # hosts whose facts failed are reported below
+                add_deploy(state, modes.run_from_host_data, host=live)
+            planned = _collect(state, live, capture, executed=False)
+            if request.dry_run or (confirm and not confirm(RunResult(request.mode, True, planned))):
+                results.update({r.host: r for r in planned})
+                live = []
+            else:
+                with suppress(PyinfraError):  # every host failed: reported below
+                    run_ops(state, serial=request.serial)
+                results.update({r.host: r for r in _collect(state, live, capture, executed=True)})
+
+        max_fraction = request.max_fraction or modes.Options().max_fraction
+        readable = [inventory.get_host(name) for name in chosen if name not in unreachable]
+        for host, fact in _gather(state, readable).items():
+            result = results.setdefault(host.name, HostResult(host.name, "ok"))
+            if fact is not None:
+                result.audit = audit_record(fact, max_fraction)
+            elif result.status not in ("refused", "failed"):
+                result.status = "error"
+                result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
+    finally:
+        try:
+            disconnect_all(state)
+        finally:
+            pyinfra_logger.removeHandler(capture)
+            pyinfra_logger.setLevel(saved[0])
+            pyinfra_logger.propagate = saved[1]
+
+    return RunResult(request.mode, request.dry_run, [results[name] for name in chosen])
+
+
+def _collect(state: Any, hosts: list[Any], capture: _Capture, executed: bool) -> list[HostResult]:
+    """Per-host status of a prepared (or executed) change."""
+    out = []
+    for host in hosts:
+        changes = capture.changes.get(host.name, [])
+        refusal = capture.refusals.get(host.name)
+        failed = host in state.failed_hosts
+        if refusal:
+            status, detail = "refused", refusal
+        elif failed:
+            status, detail = "failed", _error_detail(capture.errors.get(host.name, []))
+        elif state.get_meta_for_host(host).ops_change:
+            status, detail = ("changed" if executed else "would-change"), None
+        else:
+            status, detail = "ok", None
+        out.append(HostResult(host.name, status, detail, list(changes)))
+    return out

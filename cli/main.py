@@ -1,0 +1,16 @@
+"""Console entry point: make pyinfra's greenlets truly parallel, then run the typer app."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Run ``ksm-guard``; gevent patches the standard library first, as pyinfra's own CLI does."""
+    if not {"--help", "-h", "--version"} & set(sys.argv[1:]) and len(sys.argv) > 1:
+        from gevent import monkey
+
+        monkey.patch_all()
+    from .app import app
+
+    app()

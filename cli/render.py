@@ -1,0 +1,109 @@
+"""Turn a ``RunResult`` into the table or the JSON document that ksm-guard prints on stdout."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from operations.report import human_bytes
+
+if TYPE_CHECKING:
+    from .engine import HostResult, RunResult
+
+
+def _units(audit: dict[str, Any]) -> str:
+    if not audit["systemd"]:
+        return "no systemd"
+    parts = []
+    for name, unit in audit["units"].items():
+        short = name.removesuffix(".service")
+        state = f"{unit['unit_file'] or '?'}/{unit['active']}" if unit["present"] else "absent"
+        parts.append(f"{short}={state}")
+    return " ".join(parts)
+
+
+def _row(result: HostResult) -> list[str]:
+    audit = result.audit
+    if audit is None:
+        return [result.host, result.verdict, "-", "-", "-", "-", "-", "-"]
+    need = (
+        f"{human_bytes(audit['unmerge_need_bytes'])} / {human_bytes(audit['mem_available_bytes'])}"
+    )
+    return [
+        result.host,
+        result.verdict,
+        "-" if audit["run"] is None else str(audit["run"]),
+        str(audit["pages_shared"]),
+        str(audit["pages_sharing"]),
+        human_bytes(audit["saved_bytes"]),
+        need,
+        _units(audit),
+    ]
+
+
+def table(result: RunResult) -> str:
+    """A plain-text report: one row per host, then changes and problems, then a summary line."""
+    header = [
+        "HOST",
+        "VERDICT",
+        "RUN",
+        "SHARED",
+        "SHARING",
+        "SAVED",
+        "UNMERGE NEED / AVAIL",
+        "UNITS",
+    ]
+    rows = [header] + [_row(h) for h in result.hosts]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+    notes = []
+    for host in result.hosts:
+        if result.mode != "audit":
+            label = {"would-change": "would change", "ok": "no change"}.get(
+                host.status, host.status
+            )
+            notes.append(f"{host.host}: {label}")
+            notes.extend(f"  {change}" for change in host.changes)
+        if host.detail:
+            notes.append(
+                f"{host.host}: {host.detail}" if result.mode == "audit" else f"  {host.detail}"
+            )
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+
+    counts = result.summary()
+    what = ", ".join(f"{count} {verdict}" for verdict, count in sorted(counts.items()))
+    prefix = "dry run, nothing changed; " if result.dry_run else ""
+    lines.append("")
+    lines.append(f"{prefix}{len(result.hosts)} host(s): {what}; exit {result.exit_code}")
+    return "\n".join(lines)
+
+
+def as_json(result: RunResult) -> str:
+    """The documented JSON document (``schema_version`` 1)."""
+    from .engine import SCHEMA_VERSION
+
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "mode": result.mode,
+        "dry_run": result.dry_run,
+        "exit_code": result.exit_code,
+        "summary": result.summary(),
+        "hosts": [
+            {
+                "host": host.host,
+                "verdict": host.verdict,
+                "status": host.status,
+                "detail": host.detail,
+                "changes": host.changes,
+                "audit": host.audit,
+            }
+            for host in result.hosts
+        ],
+    }
+    return json.dumps(document, indent=2, sort_keys=False)
