@@ -235,9 +235,10 @@ def unmerged(
         return
     if need > allowed and not force:
         yield _refusal(
-            f"unsafe unmerge refused: needs {human_bytes(need)} ({need} bytes), "
-            f"{human_bytes(available)} ({available} bytes) available, limit "
-            f"{max_fraction:.0%} of it; free memory or force it"
+            f"unsafe unmerge refused: needs {human_bytes(need)} ({need} bytes), more than "
+            f"{max_fraction * 100:g}% of MemAvailable {human_bytes(available)} "
+            f"({available} bytes); free memory, raise the limit (--max-fraction) or force it "
+            "(--force)"
         )
         return
     yield StringCommand("sh", "-c", QuoteString(UNMERGE_SCRIPT), "ksm-guard", QuoteString(KSM_DIR))

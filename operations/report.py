@@ -111,6 +111,7 @@ def audit_record(
         "mem_available_bytes": fact["mem_available"],
         "mem_total_bytes": fact["mem_total"],
         "unmerge_safe": unmerge_need_bytes(fact) <= unmerge_allowed_bytes(fact, max_fraction),
+        "uid": fact["uid"],
         "systemd": fact["systemd"],
         "units": {
             name: {

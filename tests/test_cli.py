@@ -1,0 +1,160 @@
+"""The typer CLI, driven in-process with CliRunner against this machine (@local, read-only)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+runner = CliRunner()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_lists_modes_and_exit_codes() -> None:
+    """--help names every mode and documents the exit codes."""
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for word in ("audit", "disable", "unmerge", "enable", "Exit codes", "unreachable"):
+        assert word in result.stdout
+
+
+def test_audit_table_names_this_host() -> None:
+    """A plain audit prints one row for @local and a summary line."""
+    result = runner.invoke(app, ["audit"])
+    assert result.exit_code in (0, 1), result.output
+    assert result.stdout.splitlines()[1].startswith("@local")
+    assert "1 host(s):" in result.stdout
+
+
+def test_audit_json_follows_the_schema() -> None:
+    """--output json prints a schema_version 1 document with the audit figures."""
+    result = runner.invoke(app, ["audit", "--output", "json"])
+    document = json.loads(result.stdout)
+    assert document["schema_version"] == 1
+    host = document["hosts"][0]
+    assert host["host"] == "@local"
+    assert set(host["audit"]) >= {
+        "verdict", "run", "pages_shared", "pages_sharing", "saved_bytes",
+        "unmerge_need_bytes", "mem_available_bytes", "units", "boot_persistence",
+    }  # fmt: skip
+    assert document["exit_code"] == result.exit_code
+
+
+@pytest.mark.parametrize("mode", ["disable", "unmerge", "enable"])
+def test_dry_run_of_each_mode_reports_without_confirmation(mode: str) -> None:
+    """--dry-run needs no --yes and says nothing changed."""
+    result = runner.invoke(app, [mode, "--dry-run", "--output", "json"])
+    document = json.loads(result.stdout)
+    assert document["dry_run"] is True
+    assert document["hosts"][0]["status"] in ("ok", "would-change")
+
+
+@pytest.mark.parametrize("mode", ["disable", "unmerge", "enable"])
+def test_change_without_yes_off_a_terminal_is_refused(mode: str) -> None:
+    """Without a terminal to confirm on, a changing mode wants --yes: exit 2, one line."""
+    result = runner.invoke(app, [mode])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"ksm-guard: refusing to {mode} without confirmation: pass --yes (no terminal)"
+    )
+
+
+def test_missing_inventory_is_a_usage_error() -> None:
+    """A missing inventory file: exit 2 and one line naming it."""
+    result = runner.invoke(app, ["audit", "-i", "inventories/nope.py"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "ksm-guard: inventory not found: inventories/nope.py"
+    assert result.stdout == ""
+
+
+def test_broken_inventory_is_a_usage_error(write_inventory) -> None:
+    """An inventory with a syntax error: exit 2, the file and line named."""
+    path = write_inventory("hosts = [\n  '@local',\n")
+    result = runner.invoke(app, ["audit", "-i", path])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"ksm-guard: cannot load {path}: syntax error at line")
+
+
+def test_inventory_without_hosts_is_a_usage_error(write_inventory) -> None:
+    """An inventory that defines no hosts: exit 2."""
+    path = write_inventory("settings = {'a': 1}\n")
+    result = runner.invoke(app, ["audit", "-i", path])
+    assert result.exit_code == 2
+    assert "defines no hosts" in result.stderr
+
+
+def test_unknown_output_is_a_usage_error() -> None:
+    """An unknown --output value is Click's usage error, exit 2."""
+    result = runner.invoke(app, ["audit", "--output", "yaml"])
+    assert result.exit_code == 2
+    assert "yaml" in result.stderr
+
+
+def test_out_of_range_fraction_is_a_usage_error() -> None:
+    """--max-fraction 0 makes no sense: exit 2 before anything runs."""
+    result = runner.invoke(app, ["unmerge", "--dry-run", "--max-fraction", "0"])
+    assert result.exit_code == 2
+    assert "--max-fraction" in result.stderr
+
+
+def test_limit_matching_nothing_is_a_usage_error() -> None:
+    """--limit that matches no host: exit 2, the pattern named."""
+    result = runner.invoke(app, ["audit", "--limit", "web*"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "ksm-guard: --limit 'web*' matches no host or group"
+
+
+def test_unreachable_host_beside_a_good_one(write_inventory) -> None:
+    """A dead host is reported unreachable (exit 3) while @local is still audited."""
+    port = _closed_port()
+    path = write_inventory(
+        f"hosts = ['@local', ('dead', {{'ssh_hostname': '127.0.0.1', 'ssh_port': {port}}})]\n"
+    )
+    result = runner.invoke(app, ["audit", "-i", path, "--output", "json"])
+    assert result.exit_code == 3
+    hosts = {h["host"]: h for h in json.loads(result.stdout)["hosts"]}
+    assert hosts["dead"]["verdict"] == "unreachable"
+    assert hosts["@local"]["audit"]["verdict"] in (
+        "compliant",
+        "ksm-running",
+        "merged-pages-remain",
+    )
+    assert "ksm-guard: dead: unreachable: " in result.stderr
+
+
+def test_limit_selects_hosts(write_inventory) -> None:
+    """--limit keeps only the matching hosts: the dead one is never contacted."""
+    path = write_inventory(
+        "hosts = ['@local', ('dead', {'ssh_hostname': '127.0.0.1', 'ssh_port': 1})]\n"
+    )
+    result = runner.invoke(app, ["audit", "-i", path, "--limit", "@local", "-o", "json"])
+    assert [h["host"] for h in json.loads(result.stdout)["hosts"]] == ["@local"]
+    assert result.exit_code in (0, 1)
+
+
+def test_group_data_reaches_hosts(write_inventory, tmp_path) -> None:
+    """group_data/<file-name group>.py beside the inventory applies to its hosts."""
+    (tmp_path / "group_data").mkdir()
+    (tmp_path / "group_data" / "fleet.py").write_text("ksm_mode = 'nonsense'\n")
+    path = write_inventory("hosts = ['@local']\n", name="fleet.py")
+    from cli.inventory import make_inventory
+
+    inventory, chosen = make_inventory(path, {}, [])
+    assert chosen == ["@local"]
+    assert inventory.get_host("@local").data.get("ksm_mode") == "nonsense"
+
+
+def test_version() -> None:
+    """--version prints the version and exits 0."""
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("ksm-guard ")

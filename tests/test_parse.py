@@ -1,0 +1,60 @@
+"""The KsmHost parser refuses garbage with a message naming the offending line."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pyinfra.api.exceptions import FactProcessError
+
+from operations.facts import parse_ksm_host
+
+GOOD = yaml.safe_load(
+    (Path(__file__).parent / "facts/facts.KsmHost/debian12_ksmtuned_running.yaml").read_text()
+)["output"]
+
+
+def _with(old: str, new: str) -> list[str]:
+    assert old in GOOD
+    return [new if line == old else line for line in GOOD]
+
+
+@pytest.mark.parametrize(
+    ("output", "named"),
+    [
+        (_with("/sys/kernel/mm/ksm/run:1", "/sys/kernel/mm/ksm/run:on"), "run:on"),
+        (_with("/sys/kernel/mm/ksm/pages_sharing:16320", "pages_sharing 16320"), "pages_sharing"),
+        (_with("uid=0", "uid=root"), "uid=root"),
+        (_with("MemTotal:        8010004 kB", "MemTotal: lots"), "MemTotal: lots"),
+        (_with("LoadState=loaded", "Load=loaded"), "Load=loaded"),
+        (_with("Id=ksm.service", "Id=sshd.service"), "sshd.service"),
+        (_with("absent", "maybe"), "maybe"),
+        (["bash: line 1: syntax error", *GOOD], "syntax error"),
+        (_with("## units", "## services"), "## services"),
+    ],
+)
+def test_garbage_raises_naming_the_line(output: list[str], named: str) -> None:
+    """Each kind of garbage raises FactProcessError quoting the host's line."""
+    with pytest.raises(FactProcessError, match=named):
+        parse_ksm_host(output)
+
+
+def test_missing_section_is_named() -> None:
+    """Output cut short names the missing sections."""
+    cut = GOOD[: GOOD.index("## units")]
+    with pytest.raises(FactProcessError, match="units, persist"):
+        parse_ksm_host(cut)
+
+
+def test_advisor_mode_needs_one_bracketed_choice() -> None:
+    """advisor_mode without a bracketed choice is garbage, not a silent default."""
+    output = [*GOOD]
+    output.insert(output.index("## units"), "/sys/kernel/mm/ksm/advisor_mode:none scan-time")
+    with pytest.raises(FactProcessError, match="advisor_mode"):
+        parse_ksm_host(output)
+
+
+def test_advisor_mode_reads_the_bracketed_choice() -> None:
+    """``none [scan-time]`` means the scan-time advisor is in force."""
+    output = [*GOOD]
+    output.insert(output.index("## units"), "/sys/kernel/mm/ksm/advisor_mode:none [scan-time]")
+    assert parse_ksm_host(output)["ksm"]["advisor_mode"] == "scan-time"
