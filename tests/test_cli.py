@@ -158,3 +158,23 @@ def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.startswith("ksm-guard ")
+
+
+def test_audit_costs_exactly_one_remote_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted at the connector: an audit of one host sends one command, the KsmHost fact."""
+    from pyinfra.connectors.local import LocalConnector
+
+    from operations.facts import KSM_HOST_COMMAND
+
+    sent: list[str] = []
+    original = LocalConnector.run_shell_command
+
+    def counting(self, command, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(str(command))
+        return original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(LocalConnector, "run_shell_command", counting)
+    result = runner.invoke(app, ["audit"])
+    assert result.exit_code in (0, 1), result.output
+    assert len(sent) == 1
+    assert KSM_HOST_COMMAND in sent[0]
