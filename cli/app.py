@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -215,3 +216,24 @@ def enable(
         dry_run=dry_run, parallel=parallel, serial=serial, sudo=sudo,
         connect_timeout=connect_timeout,
     )  # fmt: skip
+
+
+@app.command(epilog=EXIT_CODES)
+def verify(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    junit_xml: Annotated[
+        Path | None, typer.Option("--junit-xml", help="Also write a JUnit XML report here.")
+    ] = None,
+    sudo: SudoOpt = False,
+) -> None:
+    """Check each host with the shipped testinfra checks, independently of ksm-guard's facts."""
+    from .engine import EXIT_USAGE, UsageError
+    from .verify import verify as run_checks
+
+    try:
+        code = run_checks(inventory, limit or [], sudo, junit_xml)
+    except UsageError as error:
+        _err(f"ksm-guard: {error}")
+        raise typer.Exit(EXIT_USAGE) from None
+    raise typer.Exit(code)

@@ -144,3 +144,14 @@ def test_deploy_py_unmerges_through_pyinfra(merged_pages: int) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (read("run"), read("pages_shared"), read("pages_sharing")) == (2, 0, 0)
+
+
+def test_verify_fails_while_merged_and_passes_after_unmerge(merged_pages: int, tmp_path) -> None:
+    """The shipped testinfra checks fail on merging pages (exit 1) and pass after unmerge."""
+    before = ksm_guard("verify", "--junit-xml", str(tmp_path / "before.xml"))
+    assert before.returncode == 1, before.stdout
+    assert "test_ksm_is_not_merging" in before.stdout
+    assert ksm_guard("unmerge", "--yes").returncode == 0
+    after = ksm_guard("verify", "--junit-xml", str(tmp_path / "after.xml"))
+    assert after.returncode == 0, after.stdout
+    assert (tmp_path / "after.xml").read_text().count("<testcase") == 8
