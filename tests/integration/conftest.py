@@ -1,0 +1,108 @@
+"""Fixtures for the real-VM integration tests: a shared fleet and pristine throwaway guests.
+
+- ``fleet`` (session): one running guest per flavour, ``{"debian": g, "pve": g, "bare": g}``.
+  Shared by every test: use it read-only (audits, checks).
+- ``fresh_guest`` (function): factory ``fresh_guest("pve", memory_mib=None, name=None)``
+  returning a pristine guest restored from the booted snapshot (~3 s); stopped after the test.
+  Use it for anything that changes the guest (disable, unmerge, reboot).
+- ``fresh_fleet`` (function): one pristine guest per flavour, started in parallel.
+- ``vm_session`` (session): the ``VmSession`` behind them all.
+
+``--keep-vms`` (or ``KSM_GUARD_KEEP_VMS=1``) leaves the VMs running after the session for
+debugging; stop them later with ``python -m tests.vm.harness reap --all``. The option is only
+known when pytest is pointed at ``tests/integration`` (or a file in it); the variable always works.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.harness import FLAVOURS, QEMU, Guest, VmSession
+
+HERE = Path(__file__).resolve().parent
+REQUIRED_TOOLS = (QEMU, "qemu-img", "debootstrap", "mkfs.ext4", "ssh", "ssh-keygen", "dpkg-deb")
+
+FreshGuest = Callable[..., Guest]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register --keep-vms."""
+    parser.getgroup("ksm-guard VMs").addoption(
+        "--keep-vms",
+        action="store_true",
+        default=False,
+        help="leave the test VMs running after the session (see tests/vm/harness.py reap)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration with ``vm``."""
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.vm)
+
+
+def _keep_vms(config: pytest.Config) -> bool:
+    """Tell whether the VMs should outlive the session."""
+    return bool(config.getoption("--keep-vms", default=False)) or (
+        os.environ.get("KSM_GUARD_KEEP_VMS") == "1"
+    )
+
+
+def _require_vm_tooling() -> None:
+    """Skip (fail under CI) when this machine cannot build or boot the test VMs."""
+    problems = [f"{tool} not found" for tool in REQUIRED_TOOLS if not shutil.which(tool)]
+    if os.geteuid() != 0:
+        problems.append("not root (debootstrap and chroot need it)")
+    if problems:
+        message = "cannot run VM tests: " + "; ".join(problems)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def vm_session(request: pytest.FixtureRequest) -> Iterator[VmSession]:
+    """Own every VM of the test session; stop them all at its end."""
+    _require_vm_tooling()
+    with VmSession(keep=_keep_vms(request.config)) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def fleet(vm_session: VmSession) -> dict[str, Guest]:
+    """Boot one guest per flavour (debian, pve, bare) for the whole session; read-only use."""
+    return vm_session.start_many(FLAVOURS)
+
+
+@pytest.fixture
+def fresh_guest(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterator[FreshGuest]:
+    """Return a factory of pristine guests restored from the snapshot; stop them afterwards."""
+    started: list[Guest] = []
+
+    def start(flavour: str, memory_mib: int | None = None, name: str | None = None) -> Guest:
+        guest = vm_session.start(flavour, name=name, memory_mib=memory_mib)
+        started.append(guest)
+        return guest
+
+    yield start
+    if not _keep_vms(request.config):
+        for guest in started:
+            vm_session.stop(guest)
+
+
+@pytest.fixture
+def fresh_fleet(
+    vm_session: VmSession, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Guest]]:
+    """Start one pristine guest per flavour in parallel; stop them after the test."""
+    guests = vm_session.start_many(FLAVOURS)
+    yield guests
+    if not _keep_vms(request.config):
+        for guest in guests.values():
+            vm_session.stop(guest)

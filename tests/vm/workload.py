@@ -1,0 +1,48 @@
+"""Guest-side KSM workload: identical private pages marked mergeable, held until killed."""
+
+# Runs with the guest's python3 (stdlib only). Usage: workload.py MIB [PIDFILE] [LIFETIME_S]
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import sys
+import time
+
+FILL_BYTE = b"\x5a"  # non-zero: zero pages take another path (use_zero_pages) on newer kernels
+CHUNK = 1024 * 1024
+DEFAULT_LIFETIME_S = 3600
+
+
+def allocate(mib: int) -> mmap.mmap:
+    """Map ``mib`` MiB of private anonymous memory, fill it identically, mark it mergeable."""
+    size = mib * 1024 * 1024
+    # MAP_PRIVATE is essential: KSM silently ignores MADV_MERGEABLE on shared mappings,
+    # and mmap.mmap(-1, n) is MAP_SHARED by default.
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    chunk = FILL_BYTE * CHUNK
+    for offset in range(0, size, CHUNK):
+        area[offset : offset + CHUNK] = chunk[: size - offset]
+    area.madvise(mmap.MADV_MERGEABLE)
+    return area
+
+
+def main(argv: list[str]) -> int:
+    """Allocate, report readiness, then sleep until killed (or the lifetime runs out)."""
+    mib = int(argv[1]) if len(argv) > 1 else 64
+    pidfile = argv[2] if len(argv) > 2 else ""
+    lifetime = float(argv[3]) if len(argv) > 3 else DEFAULT_LIFETIME_S
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
+    area = allocate(mib)
+    if pidfile:
+        with open(pidfile, "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+    print("ready", flush=True)
+    time.sleep(lifetime)  # bounded: a forgotten workload frees its memory eventually
+    area.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
