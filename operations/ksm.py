@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from pyinfra import host, logger
@@ -82,6 +82,31 @@ def _host_state() -> dict[str, Any] | None:
     return fact
 
 
+UnitPlan = Callable[[dict[str, str]], tuple[list[str], str]]
+
+
+def _drive_units(
+    fact: dict[str, Any], order: tuple[str, ...], plan: UnitPlan, settled: str
+) -> Generator[Any, None, None]:
+    """Run ``plan`` over the installed units: log each diff, then yield systemctl commands."""
+    commands: list[StringCommand] = []
+    for name in order:
+        unit = fact["units"].get(name)
+        if unit is None or not unit_present(unit):
+            continue
+        actions, after = plan(unit)
+        if actions:
+            log_change(f"{name}: {unit_label(unit)} → {after}")
+            commands.extend(StringCommand("systemctl", a, QuoteString(name)) for a in actions)
+
+    if not commands:
+        states = ", ".join(f"{name} {unit_label(fact['units'].get(name))}" for name in UNITS)
+        host.noop(f"{settled}: {states}")
+        return
+    refusal = _needs_root(fact)
+    yield from [refusal] if refusal else commands
+
+
 @operation()
 def services_disabled(mask: bool = False) -> Generator[Any, None, None]:
     """
@@ -100,35 +125,17 @@ def services_disabled(mask: bool = False) -> Generator[Any, None, None]:
         host.noop("systemd is not running: no KSM units to switch off")
         return
 
-    commands: list[StringCommand] = []
-    for name in UNITS:
-        unit = fact["units"].get(name)
-        if not unit_present(unit):
-            continue
-        actions = []
-        if unit_active(unit):
-            actions.append("stop")
-        if unit_enabled(unit):
-            actions.append("disable")
-        if mask and unit["unit_file"] != "masked":
-            actions.append("mask")
-        if not actions:
-            continue
+    def plan(unit: dict[str, str]) -> tuple[list[str], str]:
+        actions = [
+            *(["stop"] if unit_active(unit) else []),
+            *(["disable"] if unit_enabled(unit) else []),
+            *(["mask"] if mask and unit["unit_file"] != "masked" else []),
+        ]
         after_file = "masked" if mask else ("disabled" if unit_enabled(unit) else unit["unit_file"])
         after_active = "inactive" if unit_active(unit) else unit["active"]
-        log_change(f"{name}: {unit_label(unit)} → {after_file}/{after_active}")
-        commands.extend(StringCommand("systemctl", a, QuoteString(name)) for a in actions)
+        return actions, f"{after_file}/{after_active}"
 
-    if not commands:
-        states = ", ".join(f"{name} {unit_label(fact['units'].get(name))}" for name in UNITS)
-        host.noop(f"KSM units are off: {states}")
-        return
-
-    refusal = _needs_root(fact)
-    if refusal:
-        yield refusal
-        return
-    yield from commands
+    yield from _drive_units(fact, UNITS, plan, "KSM units are off")
 
 
 @operation()
@@ -260,34 +267,17 @@ def services_enabled() -> Generator[Any, None, None]:
         host.noop("systemd is not running: no KSM units to switch on")
         return
 
-    commands: list[StringCommand] = []
+    def plan(unit: dict[str, str]) -> tuple[list[str], str]:
+        masked = unit["unit_file"] == "masked"
+        actions = [
+            *(["unmask"] if masked else []),
+            *(["enable"] if masked or not unit_enabled(unit) else []),
+            *(["start"] if not unit_active(unit) else []),
+        ]
+        return actions, "enabled/active"
+
     # ksmtuned requires ksm.service on Debian: bring that one up first.
-    for name in reversed(UNITS):
-        unit = fact["units"].get(name)
-        if not unit_present(unit):
-            continue
-        actions = []
-        if unit["unit_file"] == "masked":
-            actions.append("unmask")
-        if unit["unit_file"] == "masked" or not unit_enabled(unit):
-            actions.append("enable")
-        if not unit_active(unit):
-            actions.append("start")
-        if not actions:
-            continue
-        log_change(f"{name}: {unit_label(unit)} → enabled/active")
-        commands.extend(StringCommand("systemctl", a, QuoteString(name)) for a in actions)
-
-    if not commands:
-        states = ", ".join(f"{name} {unit_label(fact['units'].get(name))}" for name in UNITS)
-        host.noop(f"KSM units are on or not installed: {states}")
-        return
-
-    refusal = _needs_root(fact)
-    if refusal:
-        yield refusal
-        return
-    yield from commands
+    yield from _drive_units(fact, UNITS[::-1], plan, "KSM units are on or not installed")
 
 
 @operation()
