@@ -7,11 +7,14 @@ Layout of the cache (``$KSM_GUARD_VM_CACHE``, default ``~/.cache/ksm-guard/vm``)
     <recipe hash>/           one published build (atomic rename of a temp dir)
         vmlinux initrd.img   ELF kernel extracted from Debian's bzImage, small initrd
         debian.raw pve.raw bare.raw   one ext4 image per flavour
-        snapshots/<flavour>-<key>.qcow2   booted guest saved with ``savevm``
+        snapshots/<flavour>-<MiB>m-<vCPUs>c-<key>.qcow2   booted guest saved by ``savevm``
 
 The recipe hash covers the source between the ``image recipe`` markers below, the
-public key and ``qemu-system-x86_64 --version``. Per session, guests run from copies of
-the snapshot overlay in a temp dir; they are stopped by the PID in their pidfile.
+public key and ``qemu-system-x86_64 --version``; a snapshot's key covers the machine's
+command line and the source of ``VmSession._make_snapshot``. Per session, guests run from
+copies of the snapshot overlay in a temp dir (``/tmp/ksm-guard-vms-*``); they are stopped by
+the PID in their pidfile (context manager, atexit, SIGTERM/SIGHUP), and VMs of sessions whose
+owner died are reaped by the next session or ``python -m tests.vm.harness reap``.
 
 Environment: ``KSM_GUARD_VM_CACHE`` (cache dir), ``KSM_GUARD_VM_ACCEL`` (``kvm``/``tcg``,
 skips the probe).
@@ -29,7 +32,6 @@ import inspect
 import json
 import lzma
 import os
-import pprint
 import re
 import shlex
 import shutil
@@ -594,10 +596,9 @@ def _publish_build(cache: Path, root: Path, pubkey: str) -> None:
     """Build into a temp dir under the cache, then rename it into place."""
     if os.geteuid() != 0:
         raise VmError("building the VM images needs root (debootstrap, chroot)")
-    for missing in (
-        tool for tool in ("debootstrap", "mkfs.ext4", "qemu-img") if not shutil.which(tool)
-    ):
-        raise VmError(f"{missing} not found: install debootstrap e2fsprogs qemu-utils")
+    missing = [tool for tool in ("debootstrap", "mkfs.ext4", "qemu-img") if not shutil.which(tool)]
+    if missing:
+        raise VmError(f"{', '.join(missing)} not found: install debootstrap e2fsprogs qemu-utils")
     for stale in cache.glob(".build-*"):  # we hold the lock: these are from killed builds
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
@@ -1013,6 +1014,10 @@ class Guest:
 
     def start_workload(self, mib: int = 64, timeout: float = 60.0) -> int:
         """Start a mergeable workload of ``mib`` MiB, run KSM fast, wait until it merged."""
+        shared, sharing = f"{KSM_SYSFS}/pages_shared", f"{KSM_SYSFS}/pages_sharing"
+        page_size, before = self.ssh(
+            f"getconf PAGESIZE; echo $(($(cat {shared}) + $(cat {sharing})))"
+        ).stdout.split()
         self.ssh(f"cat > {GUEST_WORKLOAD_PATH}", input=WORKLOAD_SCRIPT.read_text())
         tag = f"/run/ksm-guard-workload-{len(self._workload_pids)}"
         self.ssh(
@@ -1028,18 +1033,19 @@ class Guest:
             raise self._fail(f"workload did not become ready in {timeout:.0f}s: {ready.stderr}")
         pid = int(ready.stdout.strip())
         self._workload_pids.append(pid)
-        pages = mib * 1024 * 1024 // int(self.ssh("getconf PAGESIZE").stdout)
-        knobs = f"{KSM_SYSFS}/pages_to_scan"
         self.ssh(
-            f"echo 10000 > {knobs}; echo 10 > {KSM_SYSFS}/sleep_millisecs; echo 1 > {KSM_SYSFS}/run"
+            f"echo 10000 > {KSM_SYSFS}/pages_to_scan; echo 10 > {KSM_SYSFS}/sleep_millisecs;"
+            f" echo 1 > {KSM_SYSFS}/run"
         )
-        # max_page_sharing (256) caps sharers per KSM page, so count shared + sharing.
+        # max_page_sharing (256) caps sharers per KSM page: count shared + sharing, not sharing.
         # ksmtuned (debian flavour) may write run=0 meanwhile: put it back while we wait.
-        counters = f"s=$(cat {KSM_SYSFS}/pages_shared); n=$(cat {KSM_SYSFS}/pages_sharing)"
+        pages = mib * 1024 * 1024 // int(page_size)
+        target = int(before) + int(pages * 0.9)
         merged = self.ssh(
             _bounded_poll(
-                f'{counters}; [ "$(cat {KSM_SYSFS}/run)" = 1 ] || echo 1 > {KSM_SYSFS}/run;'
-                f' [ $((s + n)) -ge {int(pages * 0.9)} ] && [ "$n" -gt 0 ]',
+                f'[ "$(cat {KSM_SYSFS}/run)" = 1 ] || echo 1 > {KSM_SYSFS}/run;'
+                f" [ $(($(cat {shared}) + $(cat {sharing}))) -ge {target} ]"
+                f' && [ "$(cat {sharing})" -gt 0 ]',
                 timeout,
                 f"grep -H . {KSM_SYSFS}/*",
             ),
@@ -1048,7 +1054,7 @@ class Guest:
         )
         if merged.returncode != 0:
             raise self._fail(
-                f"{mib} MiB workload not merged within {timeout:.0f}s ({pages} pages):\n"
+                f"{mib} MiB workload ({pages} pages) not merged within {timeout:.0f}s:\n"
                 f"{merged.stderr}"
             )
         return pid
@@ -1186,20 +1192,8 @@ class VmSession:
         guest = self._new_guest(flavour, name, memory_mib, vcpus, disk=tmpdir / final.name)
         try:
             with timed(f"{flavour}: cold boot + savevm for {final.name}"):
-                _run(
-                    [
-                        "qemu-img",
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        images.disk,
-                        "-F",
-                        "raw",
-                        guest.disk,
-                    ]
-                )
+                overlay: list[str | Path] = ["-q", "-f", "qcow2", "-F", "raw", "-b", images.disk]
+                _run(["qemu-img", "create", *overlay, guest.disk])
                 guest.cold_boot()
                 settle = "timeout 90 systemctl is-system-running --wait >/dev/null"
                 guest.ssh(f"{settle}; true")
@@ -1432,10 +1426,11 @@ def write_inventory(
         raise ValueError(f"duplicate host names in inventory: {names}")
     if not group.isidentifier():
         raise ValueError(f"not a Python identifier: {group!r}")
-    body = pprint.pformat(hosts, indent=4, width=96, sort_dicts=True)
+    lines = [f"    ({name!r}, {dict(sorted(data.items()))!r})," for name, data in hosts]
     path = Path(path)
     path.write_text(
-        f'"""pyinfra inventory written by ksm-guard\'s VM test harness."""\n\n{group} = {body}\n'
+        '"""pyinfra inventory written by ksm-guard\'s VM test harness."""\n\n'
+        f"{group} = [\n" + "\n".join(lines) + "\n]\n"
     )
     return path
 
