@@ -1,17 +1,22 @@
-"""Fixtures for the real-VM integration tests: a shared fleet and pristine throwaway guests.
+"""Fixtures for the real-VM integration tests: a shared fleet and pristine throwaway guests."""
 
-- ``fleet`` (session): one running guest per flavour, ``{"debian": g, "pve": g, "bare": g}``.
-  Shared by every test: use it read-only (audits, checks).
-- ``fresh_guest`` (function): factory ``fresh_guest("pve", memory_mib=None, name=None)``
-  returning a pristine guest restored from the booted snapshot (~3 s); stopped after the test.
-  Use it for anything that changes the guest (disable, unmerge, reboot).
-- ``fresh_fleet`` (function): one pristine guest per flavour, started in parallel.
-- ``vm_session`` (session): the ``VmSession`` behind them all.
-
-``--keep-vms`` (or ``KSM_GUARD_KEEP_VMS=1``) leaves the VMs running after the session for
-debugging; stop them later with ``python -m tests.vm.harness reap --all``. The option is only
-known when pytest is pointed at ``tests/integration`` (or a file in it); the variable always works.
-"""
+# - ``fleet`` (session): one running guest per flavour, ``{"debian": g, "pve": g, "bare": g}``.
+#   Shared by every test: use it read-only (audits, checks).
+# - ``fresh_guest`` (function): factory ``fresh_guest("pve", memory_mib=None, name=None)``
+#   returning a pristine guest restored from the booted snapshot (~3 s); stopped after the test.
+#   Use it for anything that changes the guest (disable, unmerge, reboot).
+# - ``fresh_fleet`` (function): one pristine guest per flavour, started in parallel.
+# - ``vm_session`` (session): the ``VmSession`` behind them all.
+#
+# State of a guest just restored: debian reads run=1 (ksm.service) until ksmtuned's first
+# adjustment writes run=0 about 60 s later (harness.KSMTUNED_FIRST_ADJUST_S); pve reads run=1 and
+# its ksmtuned keeps it so (2 s interval, tuned to switch KSM on); bare reads run=0, no ksmtuned.
+# Tests that need another state set it themselves (``Guest.start_workload`` merges pages).
+#
+# ``--keep-vms`` (or ``KSM_GUARD_KEEP_VMS=1``) leaves the VMs running after the session for
+# debugging; stop them later with ``python -m tests.vm.harness reap --all``. The option is only
+# known when pytest is pointed at ``tests/integration`` (or a file in it); the variable always
+# works.
 
 from __future__ import annotations
 

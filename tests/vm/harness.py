@@ -1,24 +1,23 @@
-"""Build, boot, snapshot and drive the Debian 12 QEMU guests of ksm-guard's integration tests.
+"""Build, boot, snapshot and drive the Debian 12 QEMU guests of ksm-guard's integration tests."""
 
-Layout of the cache (``$KSM_GUARD_VM_CACHE``, default ``~/.cache/ksm-guard/vm``)::
-
-    id_ed25519[.pub]         the suite's SSH key, accepted by root, admin and nosudo
-    debs/                    debootstrap's package cache
-    <recipe hash>/           one published build (atomic rename of a temp dir)
-        vmlinux initrd.img   ELF kernel extracted from Debian's bzImage, small initrd
-        debian.raw pve.raw bare.raw   one ext4 image per flavour
-        snapshots/<flavour>-<MiB>m-<vCPUs>c-<key>.qcow2   booted guest saved by ``savevm``
-
-The recipe hash covers the source between the ``image recipe`` markers below, the
-public key and ``qemu-system-x86_64 --version``; a snapshot's key covers the machine's
-command line and the source of ``VmSession._make_snapshot``. Per session, guests run from
-copies of the snapshot overlay in a temp dir (``/tmp/ksm-guard-vms-*``); they are stopped by
-the PID in their pidfile (context manager, atexit, SIGTERM/SIGHUP), and VMs of sessions whose
-owner died are reaped by the next session or ``python -m tests.vm.harness reap``.
-
-Environment: ``KSM_GUARD_VM_CACHE`` (cache dir), ``KSM_GUARD_VM_ACCEL`` (``kvm``/``tcg``,
-skips the probe).
-"""
+# Layout of the cache (``$KSM_GUARD_VM_CACHE``, default ``~/.cache/ksm-guard/vm``)::
+#
+#     id_ed25519[.pub]         the suite's SSH key, accepted by root, admin and nosudo
+#     debs/                    debootstrap's package cache
+#     <recipe hash>/           one published build (atomic rename of a temp dir)
+#         vmlinux initrd.img   ELF kernel extracted from Debian's bzImage, small initrd
+#         debian.raw pve.raw bare.raw   one ext4 image per flavour
+#         snapshots/<flavour>-<MiB>m-<vCPUs>c-<key>.qcow2   booted guest saved by ``savevm``
+#
+# The recipe hash covers the source between the ``image recipe`` markers below, the
+# public key and ``qemu-system-x86_64 --version``; a snapshot's key covers the machine's
+# command line and the source of ``VmSession._make_snapshot``. Per session, guests run from
+# copies of the snapshot overlay in a temp dir (``/tmp/ksm-guard-vms-*``); they are stopped by
+# the PID in their pidfile (context manager, atexit, SIGTERM/SIGHUP), and VMs of sessions whose
+# owner died are reaped by the next session or ``python -m tests.vm.harness reap``.
+#
+# Environment: ``KSM_GUARD_VM_CACHE`` (cache dir), ``KSM_GUARD_VM_ACCEL`` (``kvm``/``tcg``,
+# skips the probe).
 
 from __future__ import annotations
 
