@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import patch
 
 from operations.report import FAILED_VERDICTS, OK_VERDICTS, audit_record
 
@@ -25,6 +27,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class UsageError(Exception):
     """Bad input that changes nothing: reported on one line, exit code 2."""
+
+
+class SudoPasswordRequired(OSError):
+    """sudo wants a password and there is no terminal to ask on: the host fails, others go on."""
+
+
+def _no_sudo_prompt(prompt: str = "") -> str:
+    raise SudoPasswordRequired(
+        "permission denied: sudo needs a password and there is no terminal to ask on "
+        "(give the user NOPASSWD sudo, or connect as root)"
+    )
 
 
 @dataclass
@@ -117,15 +130,12 @@ class _Capture(logging.Handler):
 
 def _error_detail(lines: list[str]) -> str:
     """The most telling line of a host's error output."""
-    useful = [
-        line
-        for line in lines
-        if line and not line.startswith(("Error: executed", "Error: could not", "Error"))
-    ]
+    useful = [line for line in lines if line and not line.startswith("Error")]
     for line in useful:
-        if re.search(
-            r"permission denied|not permitted|password is required|authentication", line, re.I
-        ):
+        found = re.search(r"permission denied: [^'\"]*", line)
+        if found:
+            return found.group(0).strip()
+        if re.search(r"permission denied|not permitted|password is required", line, re.I):
             return f"permission denied: {line}"
     return (useful or lines or ["unknown error"])[0]
 
@@ -209,6 +219,9 @@ def run(
     state.add_callback_handler(ConnectErrors())
 
     results: dict[str, HostResult] = {}
+    no_prompt = patch("pyinfra.connectors.util.getpass", _no_sudo_prompt)
+    if not sys.stdin.isatty():  # pyinfra would block on getpass() for a sudo password
+        no_prompt.start()
     try:
         with suppress(PyinfraError):  # every host failed to connect: reported below
             connect_all(state)
@@ -240,6 +253,8 @@ def run(
                 result.status = "error"
                 result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
     finally:
+        if not sys.stdin.isatty():
+            no_prompt.stop()
         try:
             disconnect_all(state)
         finally:

@@ -1,0 +1,347 @@
+"""ksm-guard end to end on real Debian 12 VMs, verified with testinfra (never ksm-guard's facts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN
+from tests.vm.harness import Guest, free_port, write_inventory
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = {"debian": ("ksmtuned.service", "ksm.service"), "pve": ("ksmtuned.service",)}
+
+
+def ksm_guard(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script as an admin would; stdout is the result."""
+    return subprocess.run(
+        [str(BIN / "ksm-guard"), *args], capture_output=True, text=True, timeout=timeout,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def hosts_of(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    """The JSON result's hosts by name."""
+    try:
+        document = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"no JSON on stdout (exit {result.returncode}): {result.stderr}")
+    return {host["host"]: host for host in document["hosts"]}
+
+
+def inventory(tmp_path: Path, *entries: Any, extra: tuple[Any, ...] = ()) -> str:
+    """A pyinfra inventory file for these guests (or raw entries)."""
+    return str(write_inventory(tmp_path / "vms.py", entries, extra_hosts=extra))
+
+
+def sysfs(guest: Guest, name: str) -> int:
+    """A KSM counter read with testinfra."""
+    return int(guest.testinfra_host().file(f"/sys/kernel/mm/ksm/{name}").content_string.strip())
+
+
+def unit_state(guest: Guest, unit: str) -> tuple[str, str]:
+    """(UnitFileState, ActiveState) read with testinfra."""
+    properties = guest.testinfra_host().service(unit).systemd_properties
+    return properties.get("UnitFileState", ""), properties.get("ActiveState", "")
+
+
+@pytest.fixture
+def merged(fresh_guest) -> Any:
+    """A factory: a pristine guest of a flavour with ksmtuned running and real merged pages."""
+
+    def start(flavour: str, mib: int = 64, memory_mib: int | None = None) -> Guest:
+        guest = fresh_guest(flavour, memory_mib=memory_mib)
+        guest.start_workload(mib)
+        return guest
+
+    return start
+
+
+# 1. Audit of a fresh host --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["debian", "pve"])
+def test_audit_of_a_fresh_host_is_non_compliant(merged, tmp_path: Path, flavour: str) -> None:
+    """ksmtuned on and pages merged: verdict ksm-running, saved bytes > 0, exit 1."""
+    guest = merged(flavour)
+    result = ksm_guard("audit", "-i", inventory(tmp_path, guest), "-o", "json")
+    host = hosts_of(result)[guest.name]
+    assert result.returncode == 1, result.stderr
+    assert host["verdict"] == "ksm-running"
+    assert host["audit"]["saved_bytes"] > 0
+    assert host["audit"]["units"]["ksmtuned.service"]["present"] is True
+
+
+# 2. Dry runs change nothing -----------------------------------------------------------------
+
+
+def test_cli_dry_run_shows_the_diff_and_changes_nothing(merged, tmp_path: Path) -> None:
+    """disable --dry-run lists the unit and run changes; the guest is untouched."""
+    guest = merged("debian")
+    result = ksm_guard("disable", "--dry-run", "-i", inventory(tmp_path, guest), "-o", "json")
+    host = hosts_of(result)[guest.name]
+    assert host["status"] == "would-change"
+    assert "ksmtuned.service: enabled/active → disabled/inactive" in host["changes"]
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    assert sysfs(guest, "run") == 1
+
+
+def test_pyinfra_dry_run_shows_the_diff_and_changes_nothing(merged, tmp_path: Path) -> None:
+    """`pyinfra INV deploy.py --dry --data ksm_mode=disable` shows the diff and changes nothing."""
+    guest = merged("debian")
+    result = subprocess.run(
+        [str(BIN / "pyinfra"), inventory(tmp_path, guest), "deploy.py", "--dry",
+         "--data", "ksm_mode=disable"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ksmtuned.service: enabled/active → disabled/inactive" in result.stderr + result.stdout
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    assert sysfs(guest, "run") == 1
+
+
+# 3 and 4. disable, unmerge, and again ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["debian", "pve"])
+def test_disable_switches_units_and_merging_off(merged, tmp_path: Path, flavour: str) -> None:
+    """disable: every KSM unit disabled and inactive, run reads 0, merged pages still there."""
+    guest = merged(flavour)
+    result = ksm_guard("disable", "--yes", "-i", inventory(tmp_path, guest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [unit_state(guest, unit) for unit in UNITS[flavour]] == [
+        ("disabled", "inactive") for _ in UNITS[flavour]
+    ]
+    assert sysfs(guest, "run") == 0
+    assert sysfs(guest, "pages_sharing") > 0
+
+
+def test_disable_mask_masks_both_units(merged, tmp_path: Path) -> None:
+    """disable --mask: both Debian units masked."""
+    guest = merged("debian")
+    result = ksm_guard("disable", "--yes", "--mask", "-i", inventory(tmp_path, guest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [unit_state(guest, u)[0] for u in UNITS["debian"]] == ["masked", "masked"]
+
+
+@pytest.mark.parametrize("flavour", ["debian", "pve"])
+def test_unmerge_frees_every_page_and_is_idempotent(merged, tmp_path: Path, flavour: str) -> None:
+    """unmerge: counters read 0 and run 2; a second disable and unmerge change nothing."""
+    guest = merged(flavour)
+    path = inventory(tmp_path, guest)
+    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    result = ksm_guard("unmerge", "--yes", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (sysfs(guest, "pages_shared"), sysfs(guest, "pages_sharing"), sysfs(guest, "run")) == (
+        0, 0, 2,
+    )  # fmt: skip
+    again = [hosts_of(ksm_guard(mode, "--yes", "-i", path, "-o", "json"))[guest.name]
+             for mode in ("disable", "unmerge")]  # fmt: skip
+    assert [(h["status"], h["changes"]) for h in again] == [("ok", []), ("ok", [])]
+
+
+# 5. Reboots ---------------------------------------------------------------------------------
+
+
+def test_ksm_stays_off_across_a_reboot_and_enable_brings_it_back(merged, tmp_path: Path) -> None:
+    """After disable a reboot keeps KSM off; after enable a reboot brings ksmtuned up again."""
+    guest = merged("debian")
+    path = inventory(tmp_path, guest)
+    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    first = guest.boot_id()
+    guest.reboot()
+    assert guest.boot_id() != first
+    assert unit_state(guest, "ksmtuned.service") == ("disabled", "inactive")
+    assert unit_state(guest, "ksm.service") == ("disabled", "inactive")
+    assert sysfs(guest, "run") == 0
+
+    enabled = ksm_guard("enable", "--yes", "-i", path)
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    guest.reboot()
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    assert sysfs(guest, "run") == 1
+
+
+# 6. A host without ksmtuned -------------------------------------------------------------------
+
+
+def test_host_without_ksmtuned_is_handled(merged, tmp_path: Path) -> None:
+    """No ksmtuned installed: disable still stops merging, and says the units are absent."""
+    guest = merged("bare")
+    path = inventory(tmp_path, guest)
+    result = ksm_guard("disable", "--yes", "-i", path, "-o", "json")
+    host = hosts_of(result)[guest.name]
+    assert result.returncode == 0, result.stderr
+    assert host["changes"][0] == "run: 1 → 0"
+    assert host["audit"]["units"]["ksmtuned.service"]["present"] is False
+    assert sysfs(guest, "run") == 0
+
+
+# 7. sudo and permission denied ---------------------------------------------------------------
+
+
+def test_sudo_user_disables(merged, tmp_path: Path) -> None:
+    """An admin with passwordless sudo and --sudo gets the job done."""
+    guest = merged("debian")
+    path = inventory(tmp_path, guest.pyinfra_host(user="admin"))
+    result = ksm_guard("disable", "--yes", "--sudo", "-i", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sysfs(guest, "run") == 0
+
+
+def test_user_without_sudo_is_denied_and_nothing_changes(merged, tmp_path: Path) -> None:
+    """A user without root gets 'permission denied', exit 1, and the host is untouched."""
+    guest = merged("debian")
+    path = inventory(tmp_path, guest.pyinfra_host(user="nosudo"))
+    result = ksm_guard("disable", "--yes", "-i", path, "-o", "json")
+    host = hosts_of(result)[f"{guest.name}-nosudo"]
+    assert result.returncode == 1
+    assert host["detail"].startswith("permission denied")
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    assert sysfs(guest, "run") == 1
+
+
+def test_sudo_refused_is_an_error_and_nothing_changes(merged, tmp_path: Path) -> None:
+    """--sudo for a user sudo refuses: the state cannot be read, exit 3, host untouched."""
+    guest = merged("debian")
+    path = inventory(tmp_path, guest.pyinfra_host(user="nosudo"))
+    result = ksm_guard("disable", "--yes", "--sudo", "-i", path, "-o", "json")
+    host = hosts_of(result)[f"{guest.name}-nosudo"]
+    assert result.returncode == 3
+    assert host["verdict"] == "error"
+    assert "permission denied" in host["detail"]
+    assert sysfs(guest, "run") == 1
+
+
+# 8. Unsafe unmerge ----------------------------------------------------------------------------
+
+
+def test_unsafe_unmerge_is_refused_then_forced(merged, tmp_path: Path) -> None:
+    """Merged set above half of MemAvailable: refused with both figures; --force unmerges."""
+    guest = merged("debian", mib=400, memory_mib=768)
+    path = inventory(tmp_path, guest)
+    sharing = sysfs(guest, "pages_sharing")
+    refused = ksm_guard("unmerge", "--yes", "-i", path, "-o", "json")
+    host = hosts_of(refused)[guest.name]
+    assert refused.returncode == 1
+    assert host["status"] == "refused"
+    assert "unsafe unmerge refused: needs" in host["detail"]
+    assert "of MemAvailable" in host["detail"]
+    assert sysfs(guest, "pages_sharing") >= sharing * 0.9
+
+    forced = ksm_guard("unmerge", "--yes", "--force", "-i", path)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert (sysfs(guest, "pages_shared"), sysfs(guest, "pages_sharing")) == (0, 0)
+
+
+# 9. Interrupted unmerges ----------------------------------------------------------------------
+
+
+def _wait_unmerge_started(guest: Guest, timeout: float = 120) -> None:
+    """Until run reads 2 while pages are still shared: the write is in progress."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = guest.ssh(
+            "r=$(cat /sys/kernel/mm/ksm/run); s=$(cat /sys/kernel/mm/ksm/pages_sharing);"
+            ' [ "$r" = 2 ] && [ "$s" -gt 0 ]',
+            check=False,
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail("the unmerge never started")
+
+
+def _start_unmerge(path: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN / "ksm-guard"), "unmerge", "--yes", "-i", path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_counters_zero(guest: Guest, timeout: float = 300) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counters = (sysfs(guest, "pages_shared"), sysfs(guest, "pages_sharing"))
+        if counters == (0, 0):
+            return counters
+        time.sleep(1)
+    return counters
+
+
+def test_dropped_controller_does_not_stop_the_unmerge(merged, tmp_path: Path) -> None:
+    """Killing ksm-guard (and its SSH session) mid-write: the unmerge still completes."""
+    guest = merged("debian", mib=384, memory_mib=1536)
+    path = inventory(tmp_path, guest)
+    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    controller = _start_unmerge(path)
+    try:
+        _wait_unmerge_started(guest)
+        os.killpg(controller.pid, signal.SIGKILL)
+    finally:
+        controller.wait(timeout=60)
+    assert _wait_counters_zero(guest) == (0, 0)
+    assert sysfs(guest, "run") == 2
+
+
+def test_rerun_completes_an_interrupted_unmerge(merged, tmp_path: Path) -> None:
+    """The writer killed on the host leaves pages merged; running unmerge again completes it."""
+    guest = merged("debian", mib=384, memory_mib=1536)
+    path = inventory(tmp_path, guest)
+    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    controller = _start_unmerge(path)
+    try:
+        _wait_unmerge_started(guest)
+        guest.ssh("pkill -KILL -f ksm-guard-unmerge", check=False)
+        interrupted = controller.wait(timeout=300)
+    finally:
+        if controller.poll() is None:
+            os.killpg(controller.pid, signal.SIGKILL)
+    assert interrupted == 1
+    assert sysfs(guest, "pages_sharing") > 0
+
+    rerun = ksm_guard("unmerge", "--yes", "-i", path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert (sysfs(guest, "pages_shared"), sysfs(guest, "pages_sharing")) == (0, 0)
+
+
+# 10. A fleet with a dead host ---------------------------------------------------------------
+
+
+def test_fleet_with_a_dead_host(fresh_fleet, tmp_path: Path) -> None:
+    """All live hosts are disabled; the dead address is unreachable; exit 3."""
+    dead = ("dead", {"ssh_hostname": "127.0.0.1", "ssh_port": free_port()})
+    path = inventory(tmp_path, *fresh_fleet.values(), extra=(dead,))
+    result = ksm_guard("disable", "--yes", "-i", path, "-o", "json")
+    hosts = hosts_of(result)
+    assert result.returncode == 3
+    assert hosts["dead"]["verdict"] == "unreachable"
+    assert {name: hosts[g.name]["status"] for name, g in fresh_fleet.items()} == {
+        name: "changed" for name in fresh_fleet
+    }
+    assert [sysfs(g, "run") for g in fresh_fleet.values()] == [0, 0, 0]
+
+
+# ksm-guard verify ----------------------------------------------------------------------------
+
+
+def test_verify_fails_then_passes_after_disable_and_unmerge(merged, tmp_path: Path) -> None:
+    """The shipped testinfra checks fail on a fresh host and pass after disable + unmerge."""
+    guest = merged("pve")
+    path = inventory(tmp_path, guest)
+    before = ksm_guard("verify", "-i", path, "--junit-xml", str(tmp_path / "before.xml"))
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert ksm_guard("unmerge", "--yes", "-i", path).returncode == 0
+    after = ksm_guard("verify", "-i", path, "--junit-xml", str(tmp_path / "after.xml"))
+    assert after.returncode == 0, after.stdout + after.stderr
+    report = (tmp_path / "after.xml").read_text()
+    assert 'failures="0"' in report and 'errors="0"' in report
