@@ -100,6 +100,11 @@ def main(
     """Find and shut off Kernel Samepage Merging (KSM) across a fleet."""
 
 
+def _interactive() -> bool:
+    """Whether a person can answer a confirmation prompt."""
+    return sys.stdin.isatty()
+
+
 def _err(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -109,7 +114,7 @@ def _execute(mode: str, output: Output, yes: bool, verbose: bool, **options: obj
     from .engine import EXIT_USAGE, Request, RunResult, UsageError, run
 
     request = Request(mode=mode, **options)  # type: ignore[arg-type]
-    interactive = sys.stdin.isatty()
+    interactive = _interactive()
     if mode != "audit" and not request.dry_run and not yes and not interactive:
         _err(f"ksm-guard: refusing to {mode} without confirmation: pass --yes (no terminal)")
         raise typer.Exit(EXIT_USAGE)

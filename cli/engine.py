@@ -219,6 +219,7 @@ def run(
     state.add_callback_handler(ConnectErrors())
 
     results: dict[str, HostResult] = {}
+    previewed = request.dry_run
     no_prompt = patch("pyinfra.connectors.util.getpass", _no_sudo_prompt)
     if not sys.stdin.isatty():  # pyinfra would block on getpass() for a sudo password
         no_prompt.start()
@@ -235,9 +236,14 @@ def run(
             with suppress(PyinfraError):  # hosts whose facts failed are reported below
                 add_deploy(state, modes.run_from_host_data, host=live)
             planned = _collect(state, live, capture, executed=False)
-            if request.dry_run or (confirm and not confirm(RunResult(request.mode, True, planned))):
+            pending = any(r.status != "ok" for r in planned)
+            if request.dry_run or (
+                pending
+                and confirm is not None
+                and not confirm(RunResult(request.mode, True, planned))
+            ):
+                previewed = True  # a dry run, or the user said no: nothing was changed
                 results.update({r.host: r for r in planned})
-                live = []
             else:
                 with suppress(PyinfraError):  # every host failed: reported below
                     run_ops(state, serial=request.serial)
@@ -262,7 +268,7 @@ def run(
             pyinfra_logger.setLevel(saved[0])
             pyinfra_logger.propagate = saved[1]
 
-    return RunResult(request.mode, request.dry_run, [results[name] for name in chosen])
+    return RunResult(request.mode, previewed, [results[name] for name in chosen])
 
 
 def _collect(state: Any, hosts: list[Any], capture: _Capture, executed: bool) -> list[HostResult]:

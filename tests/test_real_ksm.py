@@ -155,3 +155,19 @@ def test_verify_fails_while_merged_and_passes_after_unmerge(merged_pages: int, t
     after = ksm_guard("verify", "--junit-xml", str(tmp_path / "after.xml"))
     assert after.returncode == 0, after.stdout
     assert (tmp_path / "after.xml").read_text().count("<testcase") == 8
+
+
+@pytest.mark.parametrize(("answer", "run_after"), [("n", 1), ("y", 0)])
+def test_terminal_confirmation(
+    merged_pages: int, monkeypatch: pytest.MonkeyPatch, answer: str, run_after: int
+) -> None:
+    """On a terminal, disable shows the plan and asks; 'n' changes nothing, 'y' goes ahead."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    monkeypatch.setattr("cli.app._interactive", lambda: True)
+    result = CliRunner().invoke(app, ["disable"], input=f"{answer}\n")
+    assert "run: 1 → 0" in result.stderr
+    assert "Apply 'disable' to these hosts?" in result.stderr
+    assert read("run") == run_after
