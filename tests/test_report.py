@@ -23,6 +23,10 @@ def _fact(name: str) -> dict:
         ("masked_and_persisted", "compliant"),
         ("not_installed_non_root", "merged-pages-remain"),
         ("kernel_6_18_no_systemd_captured", "compliant"),
+        ("debian_vm_captured", "ksm-running"),
+        ("pve_vm_captured", "ksm-running"),
+        ("bare_vm_captured", "compliant"),
+        ("debian_vm_masked_non_root_captured", "ksm-running"),
     ],
 )
 def test_verdict(fixture: str, expected: str) -> None:
