@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
@@ -74,11 +75,21 @@ def _needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
     )
 
 
+# pyinfra does not cache facts. While a run is being prepared nothing changes on the host, so
+# the operations of one mode share a single read; while executing, every operation reads afresh.
+_prepared: WeakKeyDictionary[Any, dict[str, Any]] = WeakKeyDictionary()
+
+
 def _host_state() -> dict[str, Any] | None:
     """The KsmHost fact, or None (after a noop) when it could not be read: the host has failed."""
+    preparing = not host.state.is_executing
+    if preparing and host in _prepared:
+        return _prepared[host]
     fact = host.get_fact(KsmHost)
     if fact is None:
         host.noop("KSM state could not be read")
+    elif preparing:
+        _prepared[host] = fact
     return fact
 
 

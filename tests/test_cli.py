@@ -160,21 +160,35 @@ def test_version() -> None:
     assert result.stdout.startswith("ksm-guard ")
 
 
-def test_audit_costs_exactly_one_remote_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Counted at the connector: an audit of one host sends one command, the KsmHost fact."""
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every command the @local connector runs, recorded as it is sent."""
     from pyinfra.connectors.local import LocalConnector
 
-    from operations.facts import KSM_HOST_COMMAND
-
-    sent: list[str] = []
+    commands: list[str] = []
     original = LocalConnector.run_shell_command
 
     def counting(self, command, *args, **kwargs):  # type: ignore[no-untyped-def]
-        sent.append(str(command))
+        commands.append(str(command))
         return original(self, command, *args, **kwargs)
 
     monkeypatch.setattr(LocalConnector, "run_shell_command", counting)
+    return commands
+
+
+def test_audit_costs_exactly_one_remote_command(sent: list[str]) -> None:
+    """Counted at the connector: an audit of one host sends one command, the KsmHost fact."""
+    from operations.facts import KSM_HOST_COMMAND
+
     result = runner.invoke(app, ["audit"])
     assert result.exit_code in (0, 1), result.output
-    assert len(sent) == 1
-    assert KSM_HOST_COMMAND in sent[0]
+    assert sent == [KSM_HOST_COMMAND]
+
+
+def test_a_dry_run_reads_the_state_once_to_plan_and_once_to_report(sent: list[str]) -> None:
+    """unmerge --dry-run: its four operations share one read; the closing audit is the other."""
+    from operations.facts import KSM_HOST_COMMAND
+
+    result = runner.invoke(app, ["unmerge", "--dry-run"])
+    assert result.exit_code in (0, 1), result.output
+    assert sent == [KSM_HOST_COMMAND, KSM_HOST_COMMAND]

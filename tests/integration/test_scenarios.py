@@ -111,37 +111,24 @@ def test_pyinfra_dry_run_shows_the_diff_and_changes_nothing(merged, tmp_path: Pa
 
 
 @pytest.mark.parametrize("flavour", ["debian", "pve"])
-def test_disable_switches_units_and_merging_off(merged, tmp_path: Path, flavour: str) -> None:
-    """disable: every KSM unit disabled and inactive, run reads 0, merged pages still there."""
+def test_disable_then_unmerge_then_nothing_to_do(merged, tmp_path: Path, flavour: str) -> None:
+    """disable: units off, run 0, pages still merged; unmerge: counters 0; reruns change nothing."""
     guest = merged(flavour)
-    result = ksm_guard("disable", "--yes", "-i", inventory(tmp_path, guest))
-    assert result.returncode == 0, result.stdout + result.stderr
+    path = inventory(tmp_path, guest)
+    disabled = ksm_guard("disable", "--yes", "-i", path)
+    assert disabled.returncode == 0, disabled.stdout + disabled.stderr
     assert [unit_state(guest, unit) for unit in UNITS[flavour]] == [
         ("disabled", "inactive") for _ in UNITS[flavour]
     ]
     assert sysfs(guest, "run") == 0
-    assert sysfs(guest, "pages_sharing") > 0
+    assert sysfs(guest, "pages_sharing") > 0, "disable must leave merged pages alone"
 
-
-def test_disable_mask_masks_both_units(merged, tmp_path: Path) -> None:
-    """disable --mask: both Debian units masked."""
-    guest = merged("debian")
-    result = ksm_guard("disable", "--yes", "--mask", "-i", inventory(tmp_path, guest))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [unit_state(guest, u)[0] for u in UNITS["debian"]] == ["masked", "masked"]
-
-
-@pytest.mark.parametrize("flavour", ["debian", "pve"])
-def test_unmerge_frees_every_page_and_is_idempotent(merged, tmp_path: Path, flavour: str) -> None:
-    """unmerge: counters read 0 and run 2; a second disable and unmerge change nothing."""
-    guest = merged(flavour)
-    path = inventory(tmp_path, guest)
-    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
-    result = ksm_guard("unmerge", "--yes", "-i", path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    unmerged = ksm_guard("unmerge", "--yes", "-i", path)
+    assert unmerged.returncode == 0, unmerged.stdout + unmerged.stderr
     assert (sysfs(guest, "pages_shared"), sysfs(guest, "pages_sharing"), sysfs(guest, "run")) == (
         0, 0, 2,
     )  # fmt: skip
+
     again = [hosts_of(ksm_guard(mode, "--yes", "-i", path, "-o", "json"))[guest.name]
              for mode in ("disable", "unmerge")]  # fmt: skip
     assert [(h["status"], h["changes"]) for h in again] == [("ok", []), ("ok", [])]
@@ -151,15 +138,16 @@ def test_unmerge_frees_every_page_and_is_idempotent(merged, tmp_path: Path, flav
 
 
 def test_ksm_stays_off_across_a_reboot_and_enable_brings_it_back(merged, tmp_path: Path) -> None:
-    """After disable a reboot keeps KSM off; after enable a reboot brings ksmtuned up again."""
+    """After disable --mask a reboot keeps KSM off; after enable a reboot brings ksmtuned back."""
     guest = merged("debian")
     path = inventory(tmp_path, guest)
-    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    masked = ksm_guard("disable", "--yes", "--mask", "-i", path)
+    assert masked.returncode == 0, masked.stdout + masked.stderr
     first = guest.boot_id()
     guest.reboot()
     assert guest.boot_id() != first
-    assert unit_state(guest, "ksmtuned.service") == ("disabled", "inactive")
-    assert unit_state(guest, "ksm.service") == ("disabled", "inactive")
+    assert unit_state(guest, "ksmtuned.service") == ("masked", "inactive")
+    assert unit_state(guest, "ksm.service") == ("masked", "inactive")
     assert sysfs(guest, "run") == 0
 
     enabled = ksm_guard("enable", "--yes", "-i", path)
