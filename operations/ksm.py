@@ -8,6 +8,7 @@ from weakref import WeakKeyDictionary
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
+from pyinfra.context import ctx_host
 
 from .facts import KSM_DIR, PERSIST_LINE, PERSIST_PATH, RUN_PATH, UNITS, KsmHost
 from .report import (
@@ -82,14 +83,15 @@ _prepared: WeakKeyDictionary[Any, dict[str, Any]] = WeakKeyDictionary()
 
 def _host_state() -> dict[str, Any] | None:
     """The KsmHost fact, or None (after a noop) when it could not be read: the host has failed."""
+    current = ctx_host.get()  # the Host itself: the ``host`` proxy hashes as whichever is current
     preparing = not host.state.is_executing
-    if preparing and host in _prepared:
-        return _prepared[host]
+    if preparing and current in _prepared:
+        return _prepared[current]
     fact = host.get_fact(KsmHost)
     if fact is None:
         host.noop("KSM state could not be read")
     elif preparing:
-        _prepared[host] = fact
+        _prepared[current] = fact
     return fact
 
 
