@@ -61,6 +61,13 @@ def _keep_vms(config: pytest.Config) -> bool:
 
 def _require_vm_tooling() -> None:
     """Skip (fail under CI) when this machine cannot build or boot the test VMs."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("subprocess"):
+        pytest.fail(
+            "gevent has patched this process (pyinfra-testing imports pyinfra_cli): "
+            "run the VM tests apart, `make test-vm` or `pytest tests/integration`"
+        )
     problems = [f"{tool} not found" for tool in REQUIRED_TOOLS if not shutil.which(tool)]
     if os.geteuid() != 0:
         problems.append("not root (debootstrap and chroot need it)")
