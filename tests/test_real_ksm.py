@@ -47,7 +47,8 @@ def ksm_guard(*args: str) -> subprocess.CompletedProcess[str]:
 def merged_pages() -> Iterator[int]:
     """A process holding identical MADV_MERGEABLE pages, merged by a running ksmd.
 
-    Yields the workload's pid. Afterwards the process is gone and run reads 0, whatever happened.
+    Yields the workload's pid. Afterwards the process is gone, nothing is left merged (with ksmd
+    stopped, an exited process's KSM pages stay counted until an unmerge) and run reads 0.
     """
     knobs = {name: read(name) for name in ("pages_to_scan", "sleep_millisecs")}
     write("run", 2)  # start from nothing merged
@@ -68,6 +69,8 @@ def merged_pages() -> Iterator[int]:
     finally:
         workload.kill()
         workload.wait(timeout=30)
+        write("run", 0)
+        write("run", 2)
         write("run", 0)
         for name, value in knobs.items():
             write(name, value)
