@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import patch
 
-from operations.report import FAILED_VERDICTS, OK_VERDICTS, audit_record
+from operations.report import DEFAULT_MAX_FRACTION, FAILED_VERDICTS, OK_VERDICTS, audit_record
 
 from .inventory import InventoryError, make_inventory
 
@@ -220,8 +220,10 @@ def run(
 
     results: dict[str, HostResult] = {}
     previewed = request.dry_run
+    # Off a terminal pyinfra would block on getpass() for a sudo password: fail the host instead.
     no_prompt = patch("pyinfra.connectors.util.getpass", _no_sudo_prompt)
-    if not sys.stdin.isatty():  # pyinfra would block on getpass() for a sudo password
+    prompt_blocked = not sys.stdin.isatty()
+    if prompt_blocked:
         no_prompt.start()
     try:
         with suppress(PyinfraError):  # every host failed to connect: reported below
@@ -249,7 +251,7 @@ def run(
                     run_ops(state, serial=request.serial)
                 results.update({r.host: r for r in _collect(state, live, capture, executed=True)})
 
-        max_fraction = request.max_fraction or modes.Options().max_fraction
+        max_fraction = request.max_fraction or DEFAULT_MAX_FRACTION
         readable = [inventory.get_host(name) for name in chosen if name not in unreachable]
         for host, fact in _gather(state, readable).items():
             result = results.setdefault(host.name, HostResult(host.name, "ok"))
@@ -259,7 +261,7 @@ def run(
                 result.status = "error"
                 result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
     finally:
-        if not sys.stdin.isatty():
+        if prompt_blocked:
             no_prompt.stop()
         try:
             disconnect_all(state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from operations.report import human_bytes
+from operations.report import human_bytes, record_unit_state
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -14,12 +14,10 @@ if TYPE_CHECKING:
 def _units(audit: dict[str, Any]) -> str:
     if not audit["systemd"]:
         return "no systemd"
-    parts = []
-    for name, unit in audit["units"].items():
-        short = name.removesuffix(".service")
-        state = f"{unit['unit_file'] or '?'}/{unit['active']}" if unit["present"] else "absent"
-        parts.append(f"{short}={state}")
-    return " ".join(parts)
+    return " ".join(
+        f"{name.removesuffix('.service')}={record_unit_state(unit)}"
+        for name, unit in audit["units"].items()
+    )
 
 
 def _row(result: HostResult) -> list[str]:

@@ -98,6 +98,7 @@ def audit_record(
     """One host's audit, as the JSON schema documents it (without ``host``)."""
     ksm = fact.get("ksm")
     units = fact.get("units") or {}
+    need = unmerge_need_bytes(fact)
     record: dict[str, Any] = {
         "verdict": verdict(fact),
         "ksm_supported": ksm is not None,
@@ -106,11 +107,11 @@ def audit_record(
         "pages_sharing": ksm.get("pages_sharing", 0) if ksm else 0,
         "ksm_zero_pages": ksm.get("ksm_zero_pages", 0) if ksm else 0,
         "page_size": fact["page_size"],
-        "saved_bytes": unmerge_need_bytes(fact),
-        "unmerge_need_bytes": unmerge_need_bytes(fact),
+        "saved_bytes": need,
+        "unmerge_need_bytes": need,
         "mem_available_bytes": fact["mem_available"],
         "mem_total_bytes": fact["mem_total"],
-        "unmerge_safe": unmerge_need_bytes(fact) <= unmerge_allowed_bytes(fact, max_fraction),
+        "unmerge_safe": need <= unmerge_allowed_bytes(fact, max_fraction),
         "uid": fact["uid"],
         "systemd": fact["systemd"],
         "units": {
@@ -126,14 +127,16 @@ def audit_record(
     return record
 
 
+def record_unit_state(unit: dict[str, Any]) -> str:
+    """A unit of an audit record as ``enabled/active``, ``masked/inactive`` or ``absent``."""
+    return f"{unit['unit_file'] or '?'}/{unit['active']}" if unit["present"] else "absent"
+
+
 def audit_line(record: dict[str, Any]) -> str:
     """One sentence summing up an audit record."""
     if record["verdict"] == "unsupported":
         return "unsupported: the kernel has no KSM"
-    units = ", ".join(
-        f"{name} {u['unit_file'] or '?'}/{u['active']}" if u["present"] else f"{name} absent"
-        for name, u in record["units"].items()
-    )
+    units = ", ".join(f"{name} {record_unit_state(u)}" for name, u in record["units"].items())
     return (
         f"{record['verdict']}: run={record['run']}, pages_shared={record['pages_shared']}, "
         f"pages_sharing={record['pages_sharing']}, saved {human_bytes(record['saved_bytes'])}; "
