@@ -248,12 +248,23 @@ def _wait_unmerge_started(guest: Guest, timeout: float = 120) -> None:
     pytest.fail("the unmerge never started")
 
 
-def _start_unmerge(path: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _unmerge_under_way(merged, tmp_path: Path) -> tuple[Guest, str, subprocess.Popen[str]]:
+    """A disabled debian guest with 384 MiB merged and `ksm-guard unmerge` in mid-write."""
+    guest = merged("debian", mib=384, memory_mib=1536)
+    path = inventory(tmp_path, guest)
+    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
+    controller = subprocess.Popen(
         [str(BIN / "ksm-guard"), "unmerge", "--yes", "-i", path],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         start_new_session=True,
     )  # fmt: skip
+    try:
+        _wait_unmerge_started(guest)
+    except BaseException:
+        os.killpg(controller.pid, signal.SIGKILL)
+        controller.wait(timeout=60)
+        raise
+    return guest, path, controller
 
 
 def _wait_counters_zero(guest: Guest, timeout: float = 300) -> tuple[int, int]:
@@ -268,12 +279,8 @@ def _wait_counters_zero(guest: Guest, timeout: float = 300) -> tuple[int, int]:
 
 def test_dropped_controller_does_not_stop_the_unmerge(merged, tmp_path: Path) -> None:
     """Killing ksm-guard (and its SSH session) mid-write: the unmerge still completes."""
-    guest = merged("debian", mib=384, memory_mib=1536)
-    path = inventory(tmp_path, guest)
-    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
-    controller = _start_unmerge(path)
+    guest, _, controller = _unmerge_under_way(merged, tmp_path)
     try:
-        _wait_unmerge_started(guest)
         os.killpg(controller.pid, signal.SIGKILL)
     finally:
         controller.wait(timeout=60)
@@ -283,12 +290,8 @@ def test_dropped_controller_does_not_stop_the_unmerge(merged, tmp_path: Path) ->
 
 def test_rerun_completes_an_interrupted_unmerge(merged, tmp_path: Path) -> None:
     """The writer killed on the host leaves pages merged; running unmerge again completes it."""
-    guest = merged("debian", mib=384, memory_mib=1536)
-    path = inventory(tmp_path, guest)
-    assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
-    controller = _start_unmerge(path)
+    guest, path, controller = _unmerge_under_way(merged, tmp_path)
     try:
-        _wait_unmerge_started(guest)
         guest.ssh("pkill -KILL -f ksm-guard-unmerge", check=False)
         interrupted = controller.wait(timeout=300)
     finally:

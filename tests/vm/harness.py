@@ -852,6 +852,15 @@ class Guest:
             f"--- last {CONSOLE_TAIL_LINES} lines of {self.console} ---\n{self.console_tail()}"
         )
 
+    def _await(self, condition: str, timeout: float, on_timeout: str, failure: str) -> str:
+        """Poll a shell ``condition`` in the guest; return its stdout, or raise ``failure``."""
+        result = self.ssh(
+            _bounded_poll(condition, timeout, on_timeout), check=False, timeout=timeout + 30
+        )
+        if result.returncode != 0:
+            raise self._fail(f"{failure}:\n{result.stderr}")
+        return result.stdout
+
     def _wait_for_banner(self, deadline: float) -> None:
         """Poll the forwarded port until sshd sends its ``SSH-`` banner."""
         while time.monotonic() < deadline:
@@ -1023,14 +1032,13 @@ class Guest:
             f"rm -f {tag}.pid; nohup setsid python3 {GUEST_WORKLOAD_PATH} {mib} {tag}.pid"
             f" >{tag}.log 2>&1 </dev/null &"
         )
-        ready = self.ssh(
-            _bounded_poll(f"grep -qx ready {tag}.log && cat {tag}.pid", timeout, f"cat {tag}.log"),
-            check=False,
-            timeout=timeout + 30,
+        ready = self._await(
+            f"grep -qx ready {tag}.log && cat {tag}.pid",
+            timeout,
+            f"cat {tag}.log",
+            f"workload did not become ready in {timeout:.0f}s",
         )
-        if ready.returncode != 0:
-            raise self._fail(f"workload did not become ready in {timeout:.0f}s: {ready.stderr}")
-        pid = int(ready.stdout.strip())
+        pid = int(ready.strip())
         self._workload_pids.append(pid)
         self.ssh(
             f"echo 10000 > {KSM_SYSFS}/pages_to_scan; echo 10 > {KSM_SYSFS}/sleep_millisecs;"
@@ -1040,35 +1048,26 @@ class Guest:
         # ksmtuned (debian flavour) may write run=0 meanwhile: put it back while we wait.
         pages = mib * 1024 * 1024 // int(page_size)
         target = int(before) + int(pages * 0.9)
-        merged = self.ssh(
-            _bounded_poll(
-                f'[ "$(cat {KSM_SYSFS}/run)" = 1 ] || echo 1 > {KSM_SYSFS}/run;'
-                f" [ $(($(cat {shared}) + $(cat {sharing}))) -ge {target} ]"
-                f' && [ "$(cat {sharing})" -gt 0 ]',
-                timeout,
-                f"grep -H . {KSM_SYSFS}/*",
-            ),
-            check=False,
-            timeout=timeout + 30,
+        self._await(
+            f'[ "$(cat {KSM_SYSFS}/run)" = 1 ] || echo 1 > {KSM_SYSFS}/run;'
+            f" [ $(($(cat {shared}) + $(cat {sharing}))) -ge {target} ]"
+            f' && [ "$(cat {sharing})" -gt 0 ]',
+            timeout,
+            f"grep -H . {KSM_SYSFS}/*",
+            f"{mib} MiB workload ({pages} pages) not merged within {timeout:.0f}s",
         )
-        if merged.returncode != 0:
-            raise self._fail(
-                f"{mib} MiB workload ({pages} pages) not merged within {timeout:.0f}s:\n"
-                f"{merged.stderr}"
-            )
         return pid
 
     def stop_workload(self, timeout: float = 30.0) -> None:
         """Kill the workloads started on this guest and wait until they are gone."""
         for pid in self._workload_pids:
             self.ssh(f"kill {pid} 2>/dev/null || true")
-            gone = self.ssh(
-                _bounded_poll(f"! test -e /proc/{pid}", timeout, f"ps -o pid,stat,cmd -p {pid}"),
-                check=False,
-                timeout=timeout + 30,
+            self._await(
+                f"! test -e /proc/{pid}",
+                timeout,
+                f"ps -o pid,stat,cmd -p {pid}",
+                f"workload pid {pid} still alive",
             )
-            if gone.returncode != 0:
-                raise self._fail(f"workload pid {pid} still alive: {gone.stderr}")
         self._workload_pids.clear()
 
 
