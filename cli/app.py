@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help=f"Find and shut off Kernel Samepage Merging (KSM) across a fleet.\n\n{EXIT_CODES}",
 )
 

@@ -35,3 +35,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=25.1"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e . --group dev
+# Byte-compile the project now: with PYTHONDONTWRITEBYTECODE set, every run would compile it anew.
+"$VENV/bin/python" -m compileall -q cli operations >/dev/null
