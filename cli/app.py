@@ -57,7 +57,28 @@ OutputOpt = Annotated[
 ParallelOpt = Annotated[
     int, typer.Option("--parallel", min=0, help="Hosts at once (0: pyinfra's default).")
 ]
-SerialOpt = Annotated[bool, typer.Option("--serial", help="Change one host after the other.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch",
+        min=0,
+        help="Hosts changed at once, in inventory order (0: all) [default: 1 for unmerge, else 0].",
+    ),
+]
+ContinueOpt = Annotated[
+    bool,
+    typer.Option(
+        "--continue-on-error",
+        help="Go on with the next batches after a host failed or was refused.",
+    ),
+]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Show the pages still shared while unmerging [default: on a terminal].",
+    ),
+]
 SudoOpt = Annotated[
     bool, typer.Option("--sudo", envvar="KSM_GUARD_SUDO", help="Run remote commands with sudo.")
 ]
@@ -110,7 +131,14 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _execute(mode: str, output: Output, yes: bool, verbose: bool, **options: object) -> None:
+def _execute(
+    mode: str,
+    output: Output,
+    yes: bool,
+    verbose: bool,
+    progress: bool | None = None,
+    **options: object,
+) -> None:
     from . import render
     from .engine import EXIT_USAGE, Request, RunResult, UsageError, run
 
@@ -126,9 +154,11 @@ def _execute(mode: str, output: Output, yes: bool, verbose: bool, **options: obj
         _err(render.table(plan))
         return typer.confirm(f"Apply '{mode}' to these hosts?", default=False, err=True)
 
-    echo = _err if (verbose or sys.stderr.isatty()) else None
+    terminal = sys.stderr.isatty()
+    echo = _err if (verbose or terminal) else None
+    watch = _err if (terminal if progress is None else progress) else None
     try:
-        result = run(request, confirm=confirm, echo=echo)
+        result = run(request, confirm=confirm, echo=echo, progress=watch)
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -165,7 +195,8 @@ def disable(
     yes: YesOpt = False,
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
-    serial: SerialOpt = False,
+    batch: BatchOpt = None,
+    continue_on_error: ContinueOpt = False,
     mask: MaskOpt = False,
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
@@ -174,8 +205,8 @@ def disable(
     """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
     _execute(
         "disable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, serial=serial, mask=mask, sudo=sudo,
-        connect_timeout=connect_timeout,
+        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        mask=mask, sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 
 
@@ -187,7 +218,9 @@ def unmerge(
     yes: YesOpt = False,
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
-    serial: SerialOpt = False,
+    batch: BatchOpt = None,
+    continue_on_error: ContinueOpt = False,
+    progress: ProgressOpt = None,
     mask: MaskOpt = False,
     force: ForceOpt = False,
     max_fraction: MaxFractionOpt = None,
@@ -195,11 +228,15 @@ def unmerge(
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Everything disable does, then unmerge the merged pages (run=2) after a memory check."""
+    """
+    Everything disable does, then unmerge the merged pages (run=2) after a memory check,
+    one host at a time; the rollout stops at the first host that fails or is refused.
+    """
     _execute(
-        "unmerge", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, serial=serial, mask=mask, force=force,
-        max_fraction=max_fraction, sudo=sudo, connect_timeout=connect_timeout,
+        "unmerge", output, yes, verbose, progress, inventory=inventory, limit=limit or [],
+        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
+        connect_timeout=connect_timeout,
     )  # fmt: skip
 
 
@@ -211,7 +248,8 @@ def enable(
     yes: YesOpt = False,
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
-    serial: SerialOpt = False,
+    batch: BatchOpt = None,
+    continue_on_error: ContinueOpt = False,
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
@@ -219,8 +257,8 @@ def enable(
     """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
     _execute(
         "enable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, serial=serial, sudo=sudo,
-        connect_timeout=connect_timeout,
+        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 
 

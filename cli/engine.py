@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from unittest.mock import patch
@@ -49,12 +49,21 @@ class Request:
     limit: list[str] = field(default_factory=list)
     dry_run: bool = False
     parallel: int = 0
-    serial: bool = False
+    batch: int | None = None  # hosts changed at once; None: one for unmerge, all otherwise
+    continue_on_error: bool = False
+    progress: bool = False
     mask: bool = False
     force: bool = False
     sudo: bool = False
     max_fraction: float | None = None
     connect_timeout: int = 10
+
+    @property
+    def batch_size(self) -> int:
+        """Hosts per rollout batch; 0 means all at once."""
+        if self.batch is not None:
+            return self.batch
+        return 1 if self.mode == "unmerge" else 0
 
 
 @dataclass
@@ -62,10 +71,11 @@ class HostResult:
     """One host's outcome: its status, the changes (from → to) and its audit afterwards."""
 
     host: str
-    status: str  # ok, changed, would-change, refused, failed, unreachable, error
+    status: str  # ok, changed, would-change, refused, failed, not-reached, unreachable, error
     detail: str | None = None
     changes: list[str] = field(default_factory=list)
     audit: dict[str, Any] | None = None
+    unmerge: dict[str, Any] | None = None  # pages, bytes, seconds, memory_used_bytes
 
     @property
     def verdict(self) -> str:
@@ -104,7 +114,7 @@ class _Capture(logging.Handler):
 
     def __init__(self, echo: Callable[[str], None] | None) -> None:
         super().__init__(logging.DEBUG)
-        self.changes: dict[str, list[str]] = {}
+        self.changes: dict[tuple[str, bool], list[str]] = {}  # (host, executing): diff lines
         self.refusals: dict[str, str] = {}
         self.errors: dict[str, list[str]] = {}
         self.echo = echo
@@ -115,7 +125,8 @@ class _Capture(logging.Handler):
         refusal = getattr(record, "ksm_guard_refusal", None)
         text = _ANSI.sub("", record.getMessage())
         if host and change:
-            seen = self.changes.setdefault(host, [])
+            executing = bool(getattr(record, "ksm_guard_executing", False))
+            seen = self.changes.setdefault((host, executing), [])
             if change not in seen:
                 seen.append(change)
         elif host and refusal:
@@ -176,13 +187,16 @@ def run(
     request: Request,
     confirm: Callable[[RunResult], bool] | None = None,
     echo: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run ``request`` and report per host. ``confirm`` sees the plan of a change before it runs."""
+    """
+    Run ``request`` and report per host. ``confirm`` sees the plan of a change before it runs,
+    ``echo`` gets pyinfra's log lines and ``progress`` the pages still shared during an unmerge.
+    """
     from pyinfra.api import BaseStateCallback, Config, State
     from pyinfra.api.connect import connect_all, disconnect_all
     from pyinfra.api.deploy import add_deploy
     from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.operations import run_ops
 
     from operations import modes
 
@@ -198,6 +212,12 @@ def run(
         CONNECT_TIMEOUT=request.connect_timeout,
         SUDO=request.sudo,
     )
+    for name in chosen:  # bound the whole handshake, not just the TCP connect
+        data = inventory.get_host(name).data
+        connect_kwargs = dict(data.get("ssh_paramiko_connect_kwargs") or {})
+        for key in ("banner_timeout", "auth_timeout"):
+            connect_kwargs.setdefault(key, request.connect_timeout)
+        data.ssh_paramiko_connect_kwargs = connect_kwargs
     state = State(check_for_changes=True)
     state.init(inventory, config, initial_limit=[inventory.get_host(name) for name in chosen])
 
@@ -207,6 +227,10 @@ def run(
     pyinfra_logger.addHandler(capture)
     pyinfra_logger.setLevel(logging.INFO)
     pyinfra_logger.propagate = False
+    # paramiko logs a failed handshake with a traceback on stderr: the host's row says it already.
+    quiet = logging.NullHandler()
+    paramiko_logger = logging.getLogger("paramiko")
+    paramiko_logger.addHandler(quiet)
 
     unreachable: dict[str, str] = {}
 
@@ -247,9 +271,8 @@ def run(
                 previewed = True  # a dry run, or the user said no: nothing was changed
                 results.update({r.host: r for r in planned})
             else:
-                with suppress(PyinfraError):  # every host failed: reported below
-                    run_ops(state, serial=request.serial)
-                results.update({r.host: r for r in _collect(state, live, capture, executed=True)})
+                rolled = _roll_out(state, live, request, capture, progress)
+                results.update({r.host: r for r in rolled})
 
         max_fraction = request.max_fraction or DEFAULT_MAX_FRACTION
         readable = [inventory.get_host(name) for name in chosen if name not in unreachable]
@@ -257,6 +280,8 @@ def run(
             result = results.setdefault(host.name, HostResult(host.name, "ok"))
             if fact is not None:
                 result.audit = audit_record(fact, max_fraction)
+                if result.unmerge is not None:
+                    result.unmerge["memory_used_bytes"] = fact["mem_total"] - fact["mem_available"]
             elif result.status not in ("refused", "failed"):
                 result.status = "error"
                 result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
@@ -267,6 +292,7 @@ def run(
             disconnect_all(state)
         finally:
             pyinfra_logger.removeHandler(capture)
+            paramiko_logger.removeHandler(quiet)
             pyinfra_logger.setLevel(saved[0])
             pyinfra_logger.propagate = saved[1]
 
@@ -277,16 +303,120 @@ def _collect(state: Any, hosts: list[Any], capture: _Capture, executed: bool) ->
     """Per-host status of a prepared (or executed) change."""
     out = []
     for host in hosts:
-        changes = capture.changes.get(host.name, [])
+        # Executed, a host reports what its operations found when they ran, not the plan.
+        changes = capture.changes.get((host.name, executed), [])
         refusal = capture.refusals.get(host.name)
         failed = host in state.failed_hosts
         if refusal:
             status, detail = "refused", refusal
         elif failed:
             status, detail = "failed", _error_detail(capture.errors.get(host.name, []))
-        elif state.get_meta_for_host(host).ops_change:
-            status, detail = ("changed" if executed else "would-change"), None
+        elif executed and _did_change(state, host):
+            status, detail = "changed", None
+        elif not executed and state.get_meta_for_host(host).ops_change:
+            status, detail = "would-change", None
         else:
             status, detail = "ok", None
         out.append(HostResult(host.name, status, detail, list(changes)))
     return out
+
+
+def _roll_out(
+    state: Any,
+    hosts: list[Any],
+    request: Request,
+    capture: _Capture,
+    progress: Callable[[str], None] | None,
+) -> list[HostResult]:
+    """
+    Execute the prepared change in batches, in inventory order. Unless told to go on, stop
+    after the first batch in which a host failed or was refused: the rest are not reached.
+    """
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.operations import run_ops
+
+    size = request.batch_size or len(hosts)
+    batches = [hosts[start : start + size] for start in range(0, len(hosts), size)]
+    out: list[HostResult] = []
+    for number, batch in enumerate(batches):
+        state.active_hosts = {host for host in batch if host not in state.failed_hosts}
+        if state.active_hosts:
+            watch = progress if request.mode == "unmerge" else None
+            with _watching(batch, watch), suppress(PyinfraError):  # failures are collected below
+                run_ops(state)
+        done = _collect(state, batch, capture, executed=True)
+        for result, host in zip(done, batch, strict=True):
+            result.unmerge = _unmerge_figures(state, host)
+        out.extend(done)
+        stopped = [r.host for r in done if r.status in ("refused", "failed")]
+        if stopped and not request.continue_on_error:
+            rest = [host.name for later in batches[number + 1 :] for host in later]
+            out.extend(
+                HostResult(name, "not-reached", f"rollout stopped at {stopped[0]}") for name in rest
+            )
+            break
+    return out
+
+
+def _did_change(state: Any, host: Any) -> bool:
+    """Whether any operation ran a command on ``host`` when executed."""
+    return any(
+        data.operation_meta.is_complete() and data.operation_meta.did_change()
+        for data in state.ops.get(host, {}).values()
+    )
+
+
+def _unmerge_figures(state: Any, host: Any) -> dict[str, Any] | None:
+    """What the unmerge script reported on this host: pages unmerged and seconds taken."""
+    from operations.ksm import UNMERGE_MARK
+
+    for op_data in state.ops.get(host, {}).values():
+        meta = op_data.operation_meta
+        if not meta.is_complete() or not meta.did_succeed():
+            continue
+        for line in meta.stdout_lines:
+            words = line.split()
+            if words[:1] == [UNMERGE_MARK]:
+                fields = dict(word.split("=", 1) for word in words[1:] if "=" in word)
+                return {
+                    "pages": int(fields["pages"]),
+                    "bytes": int(fields["pages"]) * int(fields["page_size"]),
+                    "seconds": int(fields["ms"]) / 1000,
+                    "memory_used_bytes": None,  # filled from the closing audit
+                }
+    return None
+
+
+@contextmanager
+def _watching(hosts: list[Any], progress: Callable[[str], None] | None) -> Iterator[None]:
+    """While the block runs, report each host's pages still shared, read from sysfs each second."""
+    if progress is None:
+        yield
+        return
+    import gevent
+    from gevent.event import Event
+    from pyinfra.api import QuoteString, StringCommand
+
+    from operations.facts import KSM_DIR
+
+    command = StringCommand("cat", QuoteString(f"{KSM_DIR}/pages_sharing"))
+    stop = Event()
+
+    def poll() -> None:
+        seen: dict[str, str] = {}
+        while not stop.is_set():
+            for host in hosts:
+                ok, output = host.run_shell_command(command)
+                value = output.stdout_lines[0].strip() if ok and output.stdout_lines else "?"
+                if seen.get(host.name) != value:
+                    seen[host.name] = value
+                    progress(f"[{host.name}] unmerge: {value} pages still shared")
+            stop.wait(1.0)
+
+    watcher = gevent.spawn(poll)
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+        watcher.kill()

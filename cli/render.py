@@ -39,6 +39,37 @@ def _row(result: HostResult) -> list[str]:
     ]
 
 
+def unmerge_figures(figures: dict[str, Any]) -> str:
+    """One host's unmerge in a sentence: pages, bytes, seconds, memory in use afterwards."""
+    text = (
+        f"unmerged {figures['pages']} pages ({human_bytes(figures['bytes'])}) "
+        f"in {figures['seconds']:.1f} s"
+    )
+    if figures.get("memory_used_bytes") is not None:
+        text += f"; memory in use now {human_bytes(figures['memory_used_bytes'])}"
+    return text
+
+
+# How a change rollout groups its hosts, in the order of the report.
+_ROLLOUT = (
+    ("done", ("changed", "ok")),
+    ("refused", ("refused",)),
+    ("failed", ("failed",)),
+    ("not reached", ("not-reached",)),
+    ("unreachable", ("unreachable", "error")),
+)
+
+
+def rollout_line(result: RunResult) -> str:
+    """Which hosts a change was done on, refused, failed, not reached or could not reach."""
+    parts = []
+    for label, statuses in _ROLLOUT:
+        names = [host.host for host in result.hosts if host.status in statuses]
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    return "rollout " + "; ".join(parts)
+
+
 def table(result: RunResult) -> str:
     """A plain-text report: one row per host, then changes and problems, then a summary line."""
     header = [
@@ -61,11 +92,15 @@ def table(result: RunResult) -> str:
     notes = []
     for host in result.hosts:
         if result.mode != "audit":
-            label = {"would-change": "would change", "ok": "no change"}.get(
-                host.status, host.status
-            )
+            label = {
+                "would-change": "would change",
+                "ok": "no change",
+                "not-reached": "not reached",
+            }.get(host.status, host.status)
             notes.append(f"{host.host}: {label}")
             notes.extend(f"  {change}" for change in host.changes)
+            if host.unmerge:
+                notes.append(f"  {unmerge_figures(host.unmerge)}")
         if host.detail:
             notes.append(
                 f"{host.host}: {host.detail}" if result.mode == "audit" else f"  {host.detail}"
@@ -73,6 +108,10 @@ def table(result: RunResult) -> str:
     if notes:
         lines.append("")
         lines.extend(notes)
+
+    if result.mode != "audit" and not result.dry_run:
+        lines.append("")
+        lines.append(rollout_line(result))
 
     counts = result.summary()
     what = ", ".join(f"{count} {verdict}" for verdict, count in sorted(counts.items()))
@@ -99,6 +138,7 @@ def as_json(result: RunResult) -> str:
                 "status": host.status,
                 "detail": host.detail,
                 "changes": host.changes,
+                "unmerge": host.unmerge,
                 "audit": host.audit,
             }
             for host in result.hosts

@@ -25,11 +25,16 @@ from .report import (
     unmerge_need_bytes,
 )
 
+# The first word of the line the unmerge script prints when it is done.
+UNMERGE_MARK = "ksm-guard-unmerged"
+
 # The unmerge runs detached from the SSH session: a dropped connection (SIGHUP) must not
 # interrupt the synchronous write, and the counters prove the result afterwards.
-UNMERGE_SCRIPT = """\
+UNMERGE_SCRIPT = f"""\
 f="$1"
 if [ "$(cat "$f/run")" = 2 ]; then echo 0 > "$f/run" || exit 1; fi
+pages=$(( $(cat "$f/pages_sharing") + $(cat "$f/ksm_zero_pages" 2>/dev/null || echo 0) ))
+start=$(date +%s%N)
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
   systemd-run --quiet --wait --collect --service-type=oneshot \
     --description='ksm-guard unmerge' sh -c 'echo 2 > "$1"' ksm-guard-unmerge "$f/run"
@@ -37,12 +42,14 @@ else
   setsid -w sh -c 'trap "" HUP; echo 2 > "$1"' ksm-guard-unmerge "$f/run" </dev/null
 fi
 rc=$?
+ms=$(( ($(date +%s%N) - start) / 1000000 ))
 shared=$(cat "$f/pages_shared"); sharing=$(cat "$f/pages_sharing")
 if [ "$shared" != 0 ] || [ "$sharing" != 0 ]; then
   echo "unmerge incomplete: pages_shared=$shared pages_sharing=$sharing remain" \
     "(writer exit $rc); run unmerge again" >&2
   exit 1
 fi
+echo "{UNMERGE_MARK} pages=$pages page_size=$(getconf PAGESIZE) ms=$ms"
 """
 
 
@@ -50,7 +57,11 @@ def log_change(text: str) -> None:
     """Log one from-to line of an operation's diff, so that dry runs show it."""
     logger.info(
         f"{host.print_prefix}{text}",
-        extra={"ksm_guard_host": host.name, "ksm_guard_change": text},
+        extra={
+            "ksm_guard_host": host.name,
+            "ksm_guard_change": text,
+            "ksm_guard_executing": host.state.is_executing,
+        },
     )
 
 

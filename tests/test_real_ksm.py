@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -9,12 +10,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import BIN
+from tests.localssh import LocalSshd, inventory_source
 
 KSM = Path("/sys/kernel/mm/ksm")
+LOCK = Path("/tmp/ksm-guard-localksm.lock")
 WORKLOAD = Path(__file__).parent / "vm" / "workload.py"
 MIB = 64
 
@@ -50,6 +54,8 @@ def merged_pages() -> Iterator[int]:
     Yields the workload's pid. Afterwards the process is gone, nothing is left merged (with ksmd
     stopped, an exited process's KSM pages stay counted until an unmerge) and run reads 0.
     """
+    lock = LOCK.open("w")  # the kernel's KSM is one for the machine: one test run at a time
+    fcntl.flock(lock, fcntl.LOCK_EX)
     knobs = {name: read(name) for name in ("pages_to_scan", "sleep_millisecs")}
     write("run", 2)  # start from nothing merged
     write("run", 0)
@@ -74,6 +80,7 @@ def merged_pages() -> Iterator[int]:
         write("run", 0)
         for name, value in knobs.items():
             write(name, value)
+        lock.close()
 
 
 def test_audit_sees_ksm_running_and_saved_bytes(merged_pages: int) -> None:
@@ -174,3 +181,62 @@ def test_terminal_confirmation(
     assert "run: 1 → 0" in result.stderr
     assert "Apply 'disable' to these hosts?" in result.stderr
     assert read("run") == run_after
+
+
+@pytest.fixture
+def three_names(local_sshd: LocalSshd, tmp_path: Path):
+    """Write an inventory naming this machine a, b and c over SSH; keyword: host data per name."""
+
+    def write(**data: dict[str, object]) -> str:
+        hosts = [local_sshd.host(name, **data.get(name, {})) for name in ("a", "b", "c")]
+        path = tmp_path / "abc.py"
+        path.write_text(inventory_source(hosts))
+        return str(path)
+
+    return write
+
+
+def _by_host(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    return {host["host"]: host for host in json.loads(result.stdout)["hosts"]}
+
+
+def test_rolling_unmerge_goes_one_host_at_a_time(merged_pages: int, three_names) -> None:
+    """Batch of one: a unmerges (with its figures), then b, then c find nothing left; in order."""
+    sharing = read("pages_sharing")
+    result = ksm_guard("unmerge", "--yes", "-i", three_names(), "--progress", "--output", "json")
+    hosts = _by_host(result)
+    assert result.returncode == 0, result.stderr
+    assert [hosts[name]["status"] for name in "abc"] == ["changed", "ok", "ok"]
+    figures = hosts["a"]["unmerge"]
+    assert figures["pages"] >= sharing // 2 > 0
+    assert figures["bytes"] == figures["pages"] * 4096
+    assert figures["seconds"] >= 0 and figures["memory_used_bytes"] > 0
+    progress = [line.split("]")[0] for line in result.stderr.splitlines() if "] unmerge:" in line]
+    assert [progress.index(f"[{name}") for name in "abc"] == sorted(
+        progress.index(f"[{name}") for name in "abc"
+    )
+    assert (read("pages_shared"), read("pages_sharing")) == (0, 0)
+
+
+def test_rollout_stops_at_a_memory_refusal(merged_pages: int, three_names) -> None:
+    """a's preflight refuses: b and c are not reached, the pages stay merged, exit 1."""
+    inventory = three_names(a={"ksm_max_fraction": 0.000001})
+    result = ksm_guard("unmerge", "--yes", "-i", inventory)
+    assert result.returncode == 1
+    assert "rollout refused: a; not reached: b, c" in result.stdout
+    assert "b: not reached\n  rollout stopped at a" in result.stdout
+    assert read("pages_sharing") > 0
+
+
+def test_continue_on_error_goes_past_a_refused_host(merged_pages: int, three_names) -> None:
+    """a has a bad setting and is refused; --continue-on-error lets b unmerge and c run; exit 1."""
+    inventory = three_names(a={"ksm_max_fraction": "bogus"})
+    result = ksm_guard(
+        "unmerge", "--yes", "--continue-on-error", "-i", inventory, "--output", "json"
+    )
+    hosts = _by_host(result)
+    assert result.returncode == 1
+    assert [hosts[name]["status"] for name in "abc"] == ["refused", "changed", "ok"]
+    assert "ksm_max_fraction" in str(hosts["a"]["detail"])
+    assert hosts["b"]["unmerge"] is not None
+    assert (read("pages_shared"), read("pages_sharing")) == (0, 0)
