@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ksm-guard-installed
 PYTEST := $(BIN)/pytest
 
-.PHONY: audit test test-unit test-real test-vm lint vm-deps vm-image clean
+.PHONY: audit test test-unit test-real test-vm lint test-deps vm-image clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
@@ -18,23 +18,24 @@ audit: $(STAMP)
 test: lint test-unit test-real test-vm
 
 ## test-unit: fixture and CLI tests; no VMs, seconds
-test-unit: $(STAMP)
+test-unit: $(STAMP) test-deps
 	$(PYTEST) tests --ignore=tests/integration -m "not realksm"
 
 ## test-real: this machine's own kernel KSM (needs root and /sys/kernel/mm/ksm)
-test-real: $(STAMP)
+test-real: $(STAMP) test-deps
 	$(PYTEST) tests/test_real_ksm.py
 
 ## test-vm: build (or reuse) the Debian 12 image, boot the test VMs, run the integration suite
 # Run apart from the other tiers: pyinfra-testing imports pyinfra_cli, which gevent-patches the
 # whole process, and the VM harness wants the standard library's subprocess.
-test-vm: $(STAMP) vm-deps
+test-vm: $(STAMP) test-deps
 	$(PYTEST) tests/integration
 
-vm-deps:
-	scripts/bootstrap.sh --vm
+## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs)
+test-deps:
+	scripts/bootstrap.sh --test
 
-vm-image: $(STAMP) vm-deps
+vm-image: $(STAMP) test-deps
 	$(BIN)/python -m tests.vm.harness build
 
 lint: $(STAMP)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with ksm-guard and its test tools; install missing Debian packages first.
-# Usage: scripts/bootstrap.sh [--vm]   (--vm also installs what the QEMU test hosts need)
+# Usage: scripts/bootstrap.sh [--test]   (--test installs what the tests need instead: sshd for
+# the loopback fleet, QEMU and debootstrap for the VM test hosts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -24,8 +25,9 @@ apt_install() {
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
     apt_install python3-venv
 fi
-if [ "${1:-}" = "--vm" ]; then
-    apt_install qemu-system-x86 qemu-utils debootstrap openssh-client e2fsprogs xz-utils
+if [ "${1:-}" = "--test" ]; then
+    apt_install openssh-server openssh-client qemu-system-x86 qemu-utils debootstrap \
+        e2fsprogs xz-utils
     exit 0
 fi
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.localssh import SSHD, LocalSshd, start_sshd
 
 BIN = Path(sys.executable).parent
 
@@ -20,3 +24,13 @@ def write_inventory(tmp_path: Path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def local_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSshd]:
+    """An sshd on a loopback port: this machine over real SSH, under as many names as wanted."""
+    if os.geteuid() != 0 or not SSHD.exists():
+        pytest.skip(f"needs root and {SSHD} (make test-deps installs openssh-server)")
+    daemon = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield daemon
+    daemon.stop()
