@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -104,6 +106,30 @@ def test_out_of_range_fraction_is_a_usage_error() -> None:
     result = runner.invoke(app, ["unmerge", "--dry-run", "--max-fraction", "0"])
     assert result.exit_code == 2
     assert "--max-fraction" in result.stderr
+
+
+def test_negative_batch_is_a_usage_error() -> None:
+    """--batch -1: exit 2, nothing contacted."""
+    result = runner.invoke(app, ["unmerge", "--dry-run", "--batch", "-1"])
+    assert result.exit_code == 2
+    assert "--batch" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["audit", "--help"], ["unmerge", "--help"]])
+def test_help_does_not_import_pyinfra_or_gevent(argv: list[str]) -> None:
+    """Help is answered from typer alone: the engine's heavy imports stay unloaded."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['ksm-guard', *{argv!r}]\n"
+        "from cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'pyinfra', 'gevent', 'paramiko', 'pydantic', 'rich'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert "Usage: ksm-guard" in result.stdout
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_limit_matching_nothing_is_a_usage_error() -> None:
