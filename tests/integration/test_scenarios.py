@@ -322,6 +322,25 @@ def test_fleet_with_a_dead_host(fresh_fleet, tmp_path: Path) -> None:
     assert [sysfs(g, "run") for g in fresh_fleet.values()] == [0, 0, 0]
 
 
+def test_rolling_unmerge_stops_at_a_refusal(fresh_fleet, tmp_path: Path) -> None:
+    """One host at a time: debian unmerges, pve's preflight refuses, bare is never touched."""
+    debian, pve, bare = (fresh_fleet[name] for name in ("debian", "pve", "bare"))
+    debian.start_workload(64)
+    pve.start_workload(64)
+    strict = (pve.name, {**pve.pyinfra_host()[1], "ksm_max_fraction": 0.000001})
+    path = inventory(tmp_path, debian, strict, bare)
+    result = ksm_guard("unmerge", "--yes", "-i", path, "-o", "json")
+    hosts = hosts_of(result)
+    assert result.returncode == 1, result.stderr
+    assert [hosts[g.name]["status"] for g in (debian, pve, bare)] == [
+        "changed", "refused", "not-reached",
+    ]  # fmt: skip
+    assert hosts[debian.name]["unmerge"]["pages"] > 0
+    assert (sysfs(debian, "pages_shared"), sysfs(debian, "pages_sharing")) == (0, 0)
+    assert sysfs(pve, "run") == 0 and sysfs(pve, "pages_sharing") > 0
+    assert not bare.testinfra_host().file("/etc/tmpfiles.d/ksm-guard.conf").exists
+
+
 # ksm-guard verify ----------------------------------------------------------------------------
 
 
