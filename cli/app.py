@@ -65,6 +65,9 @@ BatchOpt = Annotated[
         help="Hosts changed at once, in inventory order (0: all) [default: 1 for unmerge, else 0].",
     ),
 ]
+SerialOpt = Annotated[
+    bool, typer.Option("--serial", help="Change one host after the other (as --batch 1).")
+]
 ContinueOpt = Annotated[
     bool,
     typer.Option(
@@ -196,6 +199,7 @@ def disable(
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
     batch: BatchOpt = None,
+    serial: SerialOpt = False,
     continue_on_error: ContinueOpt = False,
     mask: MaskOpt = False,
     sudo: SudoOpt = False,
@@ -205,7 +209,8 @@ def disable(
     """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
     _execute(
         "disable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        continue_on_error=continue_on_error,
         mask=mask, sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 
@@ -219,6 +224,7 @@ def unmerge(
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
     batch: BatchOpt = None,
+    serial: SerialOpt = False,
     continue_on_error: ContinueOpt = False,
     progress: ProgressOpt = None,
     mask: MaskOpt = False,
@@ -234,7 +240,8 @@ def unmerge(
     """
     _execute(
         "unmerge", output, yes, verbose, progress, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        continue_on_error=continue_on_error,
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
     )  # fmt: skip
@@ -249,6 +256,7 @@ def enable(
     output: OutputOpt = Output.table,
     parallel: ParallelOpt = 0,
     batch: BatchOpt = None,
+    serial: SerialOpt = False,
     continue_on_error: ContinueOpt = False,
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
@@ -257,7 +265,8 @@ def enable(
     """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
     _execute(
         "enable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=batch, continue_on_error=continue_on_error,
+        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        continue_on_error=continue_on_error,
         sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 

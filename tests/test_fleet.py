@@ -115,3 +115,24 @@ def test_dead_hosts_are_unreachable_and_the_others_finish(fleet_with_dead_hosts:
     assert (hosts["closed"]["verdict"], hosts["hung"]["verdict"]) == ("unreachable",) * 2
     assert hosts["alive1"]["audit"] is not None and hosts["alive2"]["audit"] is not None
     assert "ksm-guard: hung: unreachable:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "statuses"),
+    [
+        ([], ["refused", "done", "done"]),  # disable: all hosts in one batch
+        (["--serial"], ["refused", "not-reached", "not-reached"]),
+        (["--batch", "2"], ["refused", "done", "not-reached"]),
+        (["--serial", "--continue-on-error"], ["refused", "done", "done"]),
+    ],
+)
+def test_a_refused_host_stops_the_rollout_after_its_batch(
+    local_sshd: LocalSshd, write_inventory, options: list[str], statuses: list[str]
+) -> None:
+    """node1's settings are refused: the batches after it are not reached unless told to go on."""
+    hosts = [local_sshd.host("node1", ksm_mask="maybe"), *map(local_sshd.host, NAMES[1:3])]
+    inventory = write_inventory(inventory_source(hosts))
+    result = runner.invoke(app, ["disable", "-y", "-i", inventory, "-o", "json", *options])
+    assert result.exit_code == 1, result.output
+    done = {"ok": "done", "changed": "done"}  # run may read 1 here: then node2 writes 0
+    assert [done.get(h["status"], h["status"]) for h in _hosts(result.stdout).values()] == statuses
