@@ -36,6 +36,7 @@ def _fraction(value: float | None) -> float | None:
 class Output(StrEnum):
     table = "table"
     json = "json"
+    prometheus = "prometheus"
 
 
 InventoryOpt = Annotated[
@@ -108,6 +109,26 @@ TimeoutOpt = Annotated[
     int, typer.Option("--connect-timeout", min=1, help="Seconds to wait for each host's SSH.")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show pyinfra's log on stderr.")]
+VmsOpt = Annotated[
+    bool, typer.Option("--vms", help="Also list each running VM's merged memory and allow-ksm.")
+]
+TextfileDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--textfile-dir",
+        exists=True,
+        file_okay=False,
+        dir_okay=True,
+        writable=True,
+        help="Also write ksm_guard.prom here (atomically), for node_exporter's textfile collector.",
+    ),
+]
+VmidOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--vmid", callback=lambda values: _vmids(values), help="Only this VMID; repeatable."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -134,15 +155,24 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _vmids(values: list[int] | None) -> list[int] | None:
+    for vmid in values or []:
+        if not 100 <= vmid <= 999_999_999:
+            raise typer.BadParameter(f"{vmid} is not a Proxmox VE VMID (100 to 999999999)")
+    return values
+
+
 def _execute(
     mode: str,
     output: Output,
     yes: bool,
     verbose: bool,
     progress: bool | None = None,
+    show_vms: bool = False,
+    textfile_dir: Path | None = None,
     **options: object,
 ) -> None:
-    from . import render
+    from . import prometheus, render
     from .engine import EXIT_USAGE, Request, RunResult, UsageError, run
 
     request = Request(mode=mode, **options)  # type: ignore[arg-type]
@@ -165,7 +195,14 @@ def _execute(
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
-    typer.echo(render.as_json(result) if output is Output.json else render.table(result))
+    if textfile_dir is not None:
+        prometheus.write_textfile(textfile_dir, prometheus.render(result))
+    if output is Output.prometheus:
+        typer.echo(prometheus.render(result), nl=False)
+    else:
+        typer.echo(
+            render.as_json(result) if output is Output.json else render.table(result, show_vms)
+        )
     for host in result.hosts:
         if host.detail:
             _err(f"ksm-guard: {host.host}: {host.verdict}: {host.detail}")
@@ -182,11 +219,14 @@ def audit(
     max_fraction: MaxFractionOpt = None,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    vms: VmsOpt = False,
+    textfile_dir: TextfileDirOpt = None,
 ) -> None:
     """Report each host's KSM state and verdict; change nothing."""
     _execute(
         "audit", output, True, verbose, inventory=inventory, limit=limit or [],
         parallel=parallel, sudo=sudo, max_fraction=max_fraction, connect_timeout=connect_timeout,
+        show_vms=vms, textfile_dir=textfile_dir,
     )  # fmt: skip
 
 
@@ -268,6 +308,30 @@ def enable(
         dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
         continue_on_error=continue_on_error,
         sudo=sudo, connect_timeout=connect_timeout,
+    )  # fmt: skip
+
+
+@app.command("vm-optout", epilog=EXIT_CODES)
+def vm_optout(
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    vmid: VmidOpt = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    output: OutputOpt = Output.table,
+    parallel: ParallelOpt = 0,
+    batch: BatchOpt = None,
+    serial: SerialOpt = False,
+    continue_on_error: ContinueOpt = False,
+    sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Proxmox VE 9: allow-ksm 0 on the VMs (qm set); never restarts a VM, says which need it."""
+    _execute(
+        "vm-optout", output, yes, verbose, inventory=inventory, limit=limit or [],
+        vmids=vmid or [], dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        continue_on_error=continue_on_error, sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 
 

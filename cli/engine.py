@@ -57,6 +57,7 @@ class Request:
     sudo: bool = False
     max_fraction: float | None = None
     connect_timeout: int = 10
+    vmids: list[int] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -159,6 +160,8 @@ def _override_data(request: Request) -> dict[str, Any]:
         data["ksm_force"] = True
     if request.max_fraction is not None:
         data["ksm_max_fraction"] = request.max_fraction
+    if request.vmids:
+        data["ksm_vmids"] = list(request.vmids)
     return data
 
 

@@ -70,7 +70,46 @@ def rollout_line(result: RunResult) -> str:
     return "rollout " + "; ".join(parts)
 
 
-def table(result: RunResult) -> str:
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def vm_table(result: RunResult) -> list[str]:
+    """One row per running VM of every host, the most exposed first; then VMs to restart."""
+    from operations.vms import exposure_order
+
+    vms = [(host.host, vm) for host in result.hosts if host.audit for vm in host.audit["vms"]]
+    vms.sort(key=lambda item: exposure_order(item[1]))
+    header = ["HOST", "VMID", "NAME", "PID", "MERGED", "ALLOW-KSM", "RESTART PENDING"]
+    rows = [header] + [
+        [
+            host,
+            vm["vmid"] or "-",
+            vm["name"] or "-",
+            str(vm["pid"]),
+            "?" if vm["merged_bytes"] is None else human_bytes(vm["merged_bytes"]),
+            _flag(vm["allow_ksm"]),
+            _flag(vm["restart_pending"] if vm["allow_ksm"] is not None else None),
+        ]
+        for host, vm in vms
+    ]
+    lines = _columns(rows) if vms else ["no running QEMU VMs"]
+    for host in result.hosts:
+        pending = [vm["vmid"] for vm in (host.audit or {}).get("vms", []) if vm["restart_pending"]]
+        if pending:
+            lines.append(f"{host.host}: stop/start VM {', '.join(pending)} for allow-ksm to apply")
+    return lines
+
+
+def table(result: RunResult, vms: bool = False) -> str:
     """A plain-text report: one row per host, then changes and problems, then a summary line."""
     header = [
         "HOST",
@@ -82,12 +121,9 @@ def table(result: RunResult) -> str:
         "UNMERGE NEED / AVAIL",
         "UNITS",
     ]
-    rows = [header] + [_row(h) for h in result.hosts]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    lines = _columns([header] + [_row(h) for h in result.hosts])
+    if vms or result.mode == "vm-optout":
+        lines += ["", *vm_table(result)]
 
     notes = []
     for host in result.hosts:

@@ -7,6 +7,8 @@ from typing import Any
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .vms import VMS_COMMAND, parse_qemu_server, parse_vms
+
 KSM_DIR = "/sys/kernel/mm/ksm"
 RUN_PATH = f"{KSM_DIR}/run"
 UNITS = ("ksmtuned.service", "ksm.service")
@@ -24,7 +26,7 @@ _INT_FILES = {
     "stable_node_chains_prune_millisecs", "smart_scan", "advisor_max_cpu",
     "advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time",
 }  # fmt: skip
-_SECTIONS = ("meta", "meminfo", "ksm", "units", "persist")
+_SECTIONS = ("meta", "meminfo", "ksm", "units", "persist", "vms")
 
 # Each section starts with a marker line, so that every output line is accounted for.
 KSM_HOST_COMMAND = "; ".join(
@@ -32,6 +34,9 @@ KSM_HOST_COMMAND = "; ".join(
         "echo '## meta'",
         'echo "uid=$(id -u)"',
         'echo "pagesize=$(getconf PAGESIZE)"',
+        # Proxmox VE's qemu-server, if installed: its version says whether allow-ksm exists.
+        "echo \"qemu_server=$(dpkg-query -W -f='${db:Status-Abbrev}|${Version}' qemu-server"
+        ' 2>/dev/null)"',
         "echo '## meminfo'",
         "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
         "echo '## ksm'",
@@ -43,6 +48,7 @@ KSM_HOST_COMMAND = "; ".join(
         "echo '## persist'",
         f"if grep -qsxF '{PERSIST_LINE}' {PERSIST_PATH}; then echo present; "
         f"elif test -e {PERSIST_PATH}; then echo modified; else echo absent; fi",
+        VMS_COMMAND,
     )
 )
 
@@ -99,6 +105,8 @@ def _parse_unit_line(line: str, units: dict[str, dict[str, str]], current: list[
 def parse_ksm_host(output: list[str]) -> dict[str, Any]:
     """Turn the output of ``KSM_HOST_COMMAND`` into the plain dict ``KsmHost`` returns."""
     meta: dict[str, int] = {}
+    qemu_server: list[str | None] = []
+    vm_lines: list[str] = []
     meminfo: dict[str, int] = {}
     ksm: dict[str, Any] | None = {}
     units: dict[str, dict[str, str]] = {}
@@ -118,7 +126,9 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
                 raise _fail(line, "a section marker")
             seen.append(section)
             continue
-        if section == "meta":
+        if section == "meta" and line.startswith("qemu_server=") and not qemu_server:
+            qemu_server.append(parse_qemu_server(line.partition("=")[2], line))
+        elif section == "meta":
             key, sep, value = line.partition("=")
             if not sep or key not in ("uid", "pagesize"):
                 raise _fail(line, "a host meta line")
@@ -145,6 +155,8 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
             if persist is not None or line not in ("present", "absent", "modified"):
                 raise _fail(line, "the persistence state")
             persist = line
+        elif section == "vms":
+            vm_lines.append(line)
         else:
             raise _fail(line, "a line outside any section")
 
@@ -153,8 +165,11 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
         raise FactProcessError(f"ksm-guard fact output lacks section(s): {', '.join(missing)}")
     if set(meta) != {"uid", "pagesize"} or set(meminfo) != {"MemTotal", "MemAvailable"}:
         raise FactProcessError("ksm-guard fact output lacks uid, page size or memory figures")
+    if not qemu_server:
+        raise FactProcessError("ksm-guard fact output lacks the qemu_server line")
     if ksm is not None and "run" not in ksm:
         raise FactProcessError(f"ksm-guard fact output has no {RUN_PATH}")
+    vms, pve_configs = parse_vms(vm_lines, meta["pagesize"])
     for unit in units.values():
         unit.setdefault("unit_file", "")
         if "load" not in unit or "active" not in unit:
@@ -169,13 +184,17 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
         "systemd": systemd,
         "units": units,
         "persist": persist or "absent",
+        "qemu_server": qemu_server[0],
+        "vms": vms,
+        "pve_configs": pve_configs,
     }
 
 
 class KsmHost(FactBase[dict]):
     """
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
-    units, memory, page size, effective uid and the boot-persistence file.
+    units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
+    VMs with their merged pages (Proxmox VE: VMID, name and ``allow-ksm`` from the configs).
 
     .. code:: python
 
@@ -191,6 +210,14 @@ class KsmHost(FactBase[dict]):
                 "ksm.service": {"load": "not-found", "active": "inactive", "unit_file": ""},
             },
             "persist": "absent",  # or "present", "modified"
+            "qemu_server": "9.0.27",  # None: not installed
+            "vms": [
+                {"pid": 4242, "vmid": "100", "name": "web1", "uuid": None,
+                 "merged_pages": 16320, "merged_bytes": 66846720, "ksm_zero_pages": None,
+                 "mem_merge": True, "allow_ksm": False, "restart_pending": True},
+            ],
+            "pve_configs": {"100": {"name": "web1", "allow_ksm": False,
+                                    "allow_ksm_pending": True}},
         }
     """
 

@@ -7,20 +7,21 @@ from typing import Any
 
 from pyinfra import host
 
-from . import ksm
+from . import ksm, pve
 from .report import DEFAULT_MAX_FRACTION
 
-MODES = ("audit", "disable", "unmerge", "enable")
-CHANGING_MODES = ("disable", "unmerge", "enable")
+MODES = ("audit", "disable", "unmerge", "enable", "vm-optout")
+CHANGING_MODES = ("disable", "unmerge", "enable", "vm-optout")
 
 
 @dataclass(frozen=True)
 class Options:
-    """How a mode runs: from host data ``ksm_mask``, ``ksm_force``, ``ksm_max_fraction``."""
+    """From host data: ``ksm_mask``, ``ksm_force``, ``ksm_max_fraction``, ``ksm_vmids``."""
 
     mask: bool = False
     force: bool = False
     max_fraction: float = DEFAULT_MAX_FRACTION
+    vmids: tuple[int, ...] = ()
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -44,12 +45,25 @@ def _fraction(value: Any) -> float:
     return fraction
 
 
+def _vmids(value: Any) -> tuple[int, ...]:
+    """VMIDs from a list or a comma-separated string (``--data ksm_vmids=100,101``)."""
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    try:
+        vmids = tuple(int(str(item).strip()) for item in items)
+    except ValueError:
+        vmids = (0,)
+    if any(not 100 <= vmid <= 999_999_999 for vmid in vmids):
+        raise ValueError(f"ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not {value!r}")
+    return vmids
+
+
 def options_from_data(data: Any) -> Options:
     """Read the options from pyinfra host data; ``ValueError`` names a bad value."""
     return Options(
         mask=_flag("ksm_mask", data.get("ksm_mask", False)),
         force=_flag("ksm_force", data.get("ksm_force", False)),
         max_fraction=_fraction(data.get("ksm_max_fraction", DEFAULT_MAX_FRACTION)),
+        vmids=_vmids(data.get("ksm_vmids", ())),
     )
 
 
@@ -79,7 +93,18 @@ def enable(options: Options) -> None:
     ksm.boot_persisted(name="Drop the KSM boot persistence", present=False)
 
 
-RUNNERS = {"audit": audit, "disable": disable, "unmerge": unmerge, "enable": enable}
+def vm_optout(options: Options) -> None:
+    """Proxmox VE: allow-ksm 0 on the VMs (all, or ``ksm_vmids``); no VM is restarted."""
+    pve.vms_opted_out(name="Opt Proxmox VE VMs out of KSM (allow-ksm 0)", vmids=list(options.vmids))
+
+
+RUNNERS = {
+    "audit": audit,
+    "disable": disable,
+    "unmerge": unmerge,
+    "enable": enable,
+    "vm-optout": vm_optout,
+}
 
 
 def run_from_host_data() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .facts import UNITS
+from .vms import exposure_order
 
 # The order is the order of severity used when several apply to one host.
 VERDICTS = (
@@ -123,6 +124,8 @@ def audit_record(
             for name in UNITS
         },
         "boot_persistence": fact["persist"],
+        "qemu_server": fact.get("qemu_server"),
+        "vms": sorted((dict(vm) for vm in fact.get("vms") or []), key=exposure_order),
     }
     return record
 

@@ -28,6 +28,7 @@ def pyinfra(*args: str) -> subprocess.CompletedProcess[str]:
                      "Keep KSM off at boot"]),
         ("unmerge", ["Stop KSM merging (run=0)", "Unmerge KSM pages (run=2)"]),
         ("enable", ["Switch ksmtuned back on", "Drop the KSM boot persistence"]),
+        ("vm-optout", ["Opt Proxmox VE VMs out of KSM (allow-ksm 0)"]),
     ],
 )  # fmt: skip
 def test_dry_run_lists_the_mode_operations(mode: str, operations: list[str]) -> None:
@@ -59,3 +60,19 @@ def test_bad_option_value_fails_the_host() -> None:
     result = pyinfra("-y", "--data", "ksm_mode=unmerge", "--data", "ksm_max_fraction=7")
     assert result.returncode == 1
     assert "ksm_max_fraction must be a number in (0, 1]" in result.stderr + result.stdout
+
+
+def test_vm_optout_off_proxmox_fails_the_host_saying_why() -> None:
+    """vm-optout where qemu-server is not installed: the host fails, told it is not Proxmox VE."""
+    result = pyinfra("-y", "--data", "ksm_mode=vm-optout")
+    assert result.returncode == 1
+    assert "vm-optout not supported: not a Proxmox VE host" in result.stderr + result.stdout
+
+
+def test_bad_vmids_fail_the_host() -> None:
+    """ksm_vmids that are not VMIDs fail the host before anything runs."""
+    result = pyinfra("-y", "--data", "ksm_mode=vm-optout", "--data", "ksm_vmids=100,web")
+    assert result.returncode == 1
+    assert "ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not '100,web'" in (
+        result.stderr + result.stdout
+    )

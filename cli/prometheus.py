@@ -1,0 +1,107 @@
+"""node_exporter textfile-collector metrics of a run's audits, and their atomic write."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from operations.report import OK_VERDICTS
+
+if TYPE_CHECKING:
+    from .engine import HostResult, RunResult
+
+TEXTFILE_NAME = "ksm_guard.prom"
+
+# name: (help, metric type)
+_METRICS = {
+    "ksm_guard_up": ("1 when ksm-guard could read the host's KSM state, else 0.", "gauge"),
+    "ksm_guard_run": ("/sys/kernel/mm/ksm/run: 0 stopped, 1 merging, 2 unmerged.", "gauge"),
+    "ksm_guard_pages_sharing": ("KSM pages_sharing: extra mappings of merged pages.", "gauge"),
+    "ksm_guard_saved_bytes": ("Bytes KSM saves (pages_sharing + ksm_zero_pages).", "gauge"),
+    "ksm_guard_compliant": ("1 when the verdict is compliant or unsupported, else 0.", "gauge"),
+    "ksm_guard_unit_active": ("1 when the KSM unit is active (running), else 0.", "gauge"),
+    "ksm_guard_vm_merged_bytes": ("Bytes of a running VM's memory merged by KSM.", "gauge"),
+    "ksm_guard_vm_restart_pending": (
+        "1 when a VM's allow-ksm differs from how its QEMU runs until a stop/start.",
+        "gauge",
+    ),
+}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: str) -> str:
+    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
+
+
+def host_label(name: str) -> str:
+    """The ``host`` label: the inventory name, or this machine's hostname for ``@local``."""
+    return socket.gethostname() if name == "@local" else name
+
+
+def vm_label(vm: dict[str, Any]) -> str:
+    """The ``vmid`` label: the Proxmox VMID, else QEMU's ``-uuid``, else ``pid-<PID>``."""
+    return str(vm.get("vmid") or vm.get("uuid") or f"pid-{vm['pid']}")
+
+
+def _samples(result: HostResult) -> list[tuple[str, str, int]]:
+    host = host_label(result.host)
+    audit = result.audit
+    samples = [("ksm_guard_up", _labels(host=host), 0 if audit is None else 1)]
+    if audit is None:
+        return samples
+    on = _labels(host=host)
+    if audit["run"] is not None:
+        samples.append(("ksm_guard_run", on, audit["run"]))
+    samples += [
+        ("ksm_guard_pages_sharing", on, audit["pages_sharing"]),
+        ("ksm_guard_saved_bytes", on, audit["saved_bytes"]),
+        ("ksm_guard_compliant", on, int(audit["verdict"] in OK_VERDICTS)),
+    ]
+    if audit["systemd"]:
+        for unit, state in audit["units"].items():
+            active = int(state["present"] and state["active"] in ("active", "activating"))
+            samples.append(("ksm_guard_unit_active", _labels(host=host, unit=unit), active))
+    for vm in audit.get("vms") or []:
+        labels = _labels(host=host, vmid=vm_label(vm), name=vm.get("name") or "")
+        if vm.get("merged_bytes") is not None:
+            samples.append(("ksm_guard_vm_merged_bytes", labels, vm["merged_bytes"]))
+        if vm.get("allow_ksm") is not None:
+            samples.append(("ksm_guard_vm_restart_pending", labels, int(vm["restart_pending"])))
+    return samples
+
+
+def render(result: RunResult) -> str:
+    """The exposition text: each metric's HELP and TYPE once, then its samples for every host."""
+    samples = [sample for host in result.hosts for sample in _samples(host)]
+    lines = []
+    for name, (text, kind) in _METRICS.items():
+        mine = [(labels, value) for metric, labels, value in samples if metric == name]
+        if not mine:
+            continue
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{labels} {value}" for labels, value in mine]
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(directory: Path, text: str) -> Path:
+    """Write ``text`` to ``directory/ksm_guard.prom`` atomically: a temp file there, then rename."""
+    target = directory / TEXTFILE_NAME
+    # node_exporter reads only *.prom: the temp file's name ends otherwise.
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{TEXTFILE_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
