@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with ksm-guard and its test tools; install missing Debian packages first.
-# Usage: scripts/bootstrap.sh [--vm]   (--vm also installs what the QEMU test hosts need)
+# Usage: scripts/bootstrap.sh [--vm | --bench]
+#   --vm: only what the QEMU test hosts need; --bench: only what the benchmark's sshd hosts need
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +27,10 @@ if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 if [ "${1:-}" = "--vm" ]; then
     apt_install qemu-system-x86 qemu-utils debootstrap openssh-client e2fsprogs xz-utils
+    exit 0
+fi
+if [ "${1:-}" = "--bench" ]; then
+    apt_install openssh-server openssh-client util-linux
     exit 0
 fi
 
