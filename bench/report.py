@@ -342,6 +342,7 @@ def plot(summary: Summary, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     delays = sorted({c["delay_ms"] for c in summary.cells})
     figure, axes = plt.subplots(1, len(delays), figsize=(6 * len(delays), 4.5), sharey=True)
@@ -362,6 +363,8 @@ def plot(summary: Summary, path: Path) -> None:
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xticks(summary.plan["sizes"], [str(n) for n in summary.plan["sizes"]])
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         axis.set_title(_delay_label(delay))
         axis.set_xlabel("hosts (N)")
         axis.grid(True, which="both", alpha=0.3)
