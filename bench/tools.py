@@ -71,8 +71,8 @@ def _expect_zero(expected: int, marker: str) -> Callable[[int, str, str], str | 
     return check
 
 
-def openssh(cell: Cell) -> Invocation:
-    """``xargs -P N`` over ``ssh``: the practical floor. Each host's output goes to a file."""
+def _openssh(cell: Cell, options: list[str]) -> Invocation:
+    """``xargs -P N`` over ``ssh``. Each host's output goes to a file."""
     outdir = cell.workdir / "ssh-out"
     outdir.mkdir(exist_ok=True)
     for stale in outdir.iterdir():
@@ -88,13 +88,23 @@ def openssh(cell: Cell) -> Invocation:
         ]
         return None if len(done) == cell.hosts else f"{len(done)} of {cell.hosts} hosts answered"
 
-    script = 'exec ssh -F "$0" "$1" "$2" > "$3/$1.out"'
+    script = " ".join(["exec ssh", *options, '-F "$0" "$1" "$2" > "$3/$1.out"'])
     return Invocation(
         ["xargs", "-P", str(cell.hosts), "-I", "HOST", "sh", "-c", script,
          str(cell.fleet.ssh_config), "HOST", KSM_HOST_COMMAND, str(outdir)],
         check,
         stdin=names,
     )  # fmt: skip
+
+
+def openssh(cell: Cell) -> Invocation:
+    """The practical floor: OpenSSH as it comes (its default key exchange, sntrup761x25519)."""
+    return _openssh(cell, [])
+
+
+def openssh_curve25519(cell: Cell) -> Invocation:
+    """OpenSSH with paramiko's key exchange (curve25519): the floor without post-quantum KEX."""
+    return _openssh(cell, ["-o", "KexAlgorithms=curve25519-sha256"])
 
 
 def ksm_guard(cell: Cell) -> Invocation:
@@ -184,6 +194,7 @@ def ansible(cell: Cell) -> Invocation:
 CONTENDERS = [
     Contender("ksm-guard", "ksm-guard audit", ksm_guard),
     Contender("openssh", "OpenSSH xargs -P", openssh),
+    Contender("openssh-c25519", "OpenSSH xargs -P, curve25519", openssh_curve25519),
     Contender("pyinfra", "pyinfra server.Command", pyinfra_fact),
     Contender("pyinfra-naive", "pyinfra, 6 built-in facts", pyinfra_naive),
     Contender("ansible", "Ansible shell, pipelining", ansible),

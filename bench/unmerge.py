@@ -46,6 +46,7 @@ class UnmergeResult:
     mib: int
     runs: list[UnmergeRun]
     audit_s: float  # median ``ksm-guard audit -i @local``: start, imports, the state read
+    lock_wait_s: float  # how long other local-KSM users held the lock first
 
     def median(self, tool: str) -> float:
         return statistics.median(r.seconds for r in self.runs if r.tool == tool)
@@ -124,7 +125,9 @@ def measure_unmerge(mib: int = 288, repetitions: int = 3) -> UnmergeResult:
     try:
         if workload.stdout is None or workload.stdout.readline().strip() != "ready":
             raise RuntimeError("the KSM workload did not start")
+        waiting = time.perf_counter()
         with ksm_lock():
+            lock_wait = time.perf_counter() - waiting
             saved = {name: _read(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
             try:
                 _write("pages_to_scan", 100000)
@@ -149,4 +152,4 @@ def measure_unmerge(mib: int = 288, repetitions: int = 3) -> UnmergeResult:
     finally:
         workload.terminate()
         workload.wait()
-    return UnmergeResult(mib, runs, statistics.median(audits))
+    return UnmergeResult(mib, runs, statistics.median(audits), lock_wait)
