@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ksm-guard-installed
 PYTEST := $(BIN)/pytest
 
-.PHONY: audit test test-unit test-real test-vm lint test-deps vm-image clean
+.PHONY: audit test test-unit test-real test-vm lint test-deps vm-image bench bench-deps clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
@@ -37,6 +37,14 @@ test-deps:
 
 vm-image: $(STAMP) test-deps
 	$(BIN)/python -m tests.vm.harness build
+
+## bench: the fleet benchmark (docs/benchmarks.md): sshd hosts on this machine, ~20 min, root
+bench: $(STAMP) bench-deps
+	$(BIN)/python -m pip install -q --disable-pip-version-check --group bench
+	$(BIN)/python -m bench.run
+
+bench-deps:
+	scripts/bootstrap.sh --bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with ksm-guard and its test tools; install missing Debian packages first.
-# Usage: scripts/bootstrap.sh [--test]   (--test installs what the tests need instead: sshd for
-# the loopback fleet, QEMU and debootstrap for the VM test hosts)
+# Usage: scripts/bootstrap.sh [--test | --bench]   (instead of the venv: --test installs what the
+# tests need, sshd for the loopback fleet and QEMU for the VMs; --bench what the benchmark needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -28,6 +28,10 @@ fi
 if [ "${1:-}" = "--test" ]; then
     apt_install openssh-server openssh-client qemu-system-x86 qemu-utils debootstrap \
         e2fsprogs xz-utils
+    exit 0
+fi
+if [ "${1:-}" = "--bench" ]; then
+    apt_install openssh-server openssh-client util-linux
     exit 0
 fi
 
