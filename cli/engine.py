@@ -8,8 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
-from unittest.mock import patch
+from typing import Any, TextIO
 
 from operations.report import DEFAULT_MAX_FRACTION, FAILED_VERDICTS, OK_VERDICTS, audit_record
 
@@ -33,7 +32,7 @@ class SudoPasswordRequired(OSError):
     """sudo wants a password and there is no terminal to ask on: the host fails, others go on."""
 
 
-def _no_sudo_prompt(prompt: str = "") -> str:
+def _no_sudo_prompt(prompt: str = "", stream: TextIO | None = None) -> str:
     raise SudoPasswordRequired(
         "permission denied: sudo needs a password and there is no terminal to ask on "
         "(give the user NOPASSWD sudo, or connect as root)"
@@ -248,10 +247,12 @@ def run(
     results: dict[str, HostResult] = {}
     previewed = request.dry_run
     # Off a terminal pyinfra would block on getpass() for a sudo password: fail the host instead.
-    no_prompt = patch("pyinfra.connectors.util.getpass", _no_sudo_prompt)
+    import pyinfra.connectors.util as connector_util
+
+    asking = connector_util.getpass
     prompt_blocked = not sys.stdin.isatty()
     if prompt_blocked:
-        no_prompt.start()
+        connector_util.getpass = _no_sudo_prompt
     try:
         with suppress(PyinfraError):  # every host failed to connect: reported below
             connect_all(state)
@@ -289,8 +290,7 @@ def run(
                 result.status = "error"
                 result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
     finally:
-        if prompt_blocked:
-            no_prompt.stop()
+        connector_util.getpass = asking
         try:
             disconnect_all(state)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -13,4 +14,8 @@ def main() -> None:
         monkey.patch_all()
     from .app import app
 
-    app()
+    try:
+        app()
+    finally:
+        # All is written and closed: spare the exit a collector pass over pyinfra's objects.
+        gc.freeze()
