@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from operations.facts import KSM_DIR, KSM_HOST_COMMAND, PERSIST_PATH, UNITS
+from pyinfra.api.exceptions import FactProcessError
+
+from operations.facts import KSM_DIR, KSM_HOST_COMMAND, PERSIST_PATH, UNITS, parse_ksm_host
 
 from .fleet import Fleet
 
@@ -61,6 +63,15 @@ class Contender:
     build: Callable[[Cell], Invocation]
 
 
+def _parses(text: str) -> bool:
+    """Whether ``text`` is a whole answer to ``KSM_HOST_COMMAND``, as ksm-guard would read it."""
+    try:
+        parse_ksm_host(text.splitlines())
+    except FactProcessError:
+        return False
+    return True
+
+
 def _expect_zero(expected: int, marker: str) -> Callable[[int, str, str], str | None]:
     def check(code: int, stdout: str, stderr: str) -> str | None:
         if code != 0:
@@ -83,9 +94,7 @@ def _openssh(cell: Cell, options: list[str]) -> Invocation:
     def check(code: int, stdout: str, stderr: str) -> str | None:
         if code != 0:
             return f"exit {code}"
-        done = [
-            p for p in outdir.iterdir() if p.read_text().rstrip().endswith(("present", "absent"))
-        ]
+        done = [p for p in outdir.iterdir() if _parses(p.read_text())]
         return None if len(done) == cell.hosts else f"{len(done)} of {cell.hosts} hosts answered"
 
     script = " ".join(["exec ssh", *options, '-F "$0" "$1" "$2" > "$3/$1.out"'])
@@ -133,7 +142,8 @@ def _pyinfra(cell: Cell, facts: list[str]) -> Invocation:
         blocks = stderr.split("--> Fact data for: ")[1:]
         decoder = json.JSONDecoder()
         for block in blocks:
-            data, _ = decoder.raw_decode(block[block.index("{") :])
+            # The header line echoes the fact's arguments (the command has braces): skip it.
+            data, _ = decoder.raw_decode(block[block.index("\n") + 1 :].lstrip())
             if len(data) != cell.hosts:
                 return f"{len(data)} of {cell.hosts} hosts answered"
         return None if len(blocks) == wanted else f"{len(blocks)} of {wanted} facts gathered"
