@@ -324,7 +324,8 @@ def test_fleet_with_a_dead_host(fresh_fleet, tmp_path: Path) -> None:
 
 def test_rolling_unmerge_stops_at_a_refusal(fresh_fleet, tmp_path: Path) -> None:
     """One host at a time: debian unmerges, pve's preflight refuses, bare is never touched."""
-    debian, pve, bare = (fresh_fleet[name] for name in ("debian", "pve", "bare"))
+    by_flavour = {guest.flavour: guest for guest in fresh_fleet.values()}
+    debian, pve, bare = (by_flavour[flavour] for flavour in ("debian", "pve", "bare"))
     debian.start_workload(64)
     pve.start_workload(64)
     strict = (pve.name, {**pve.pyinfra_host()[1], "ksm_max_fraction": 0.000001})
