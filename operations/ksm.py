@@ -74,14 +74,14 @@ def refuse(state: Any, host: Any, message: str) -> bool:
     return False
 
 
-def _refusal(message: str) -> FunctionCommand:
+def refusal_command(message: str) -> FunctionCommand:
     return FunctionCommand(refuse, (message,), {})
 
 
-def _needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
+def needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
     if fact["uid"] == 0:
         return None
-    return _refusal(
+    return refusal_command(
         f"permission denied: connected as uid {fact['uid']}; changing KSM needs root "
         "(use --sudo or _sudo=True)"
     )
@@ -92,7 +92,7 @@ def _needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
 _prepared: WeakKeyDictionary[Any, dict[str, Any]] = WeakKeyDictionary()
 
 
-def _host_state() -> dict[str, Any] | None:
+def host_state() -> dict[str, Any] | None:
     """The KsmHost fact, or None (after a noop) when it could not be read: the host has failed."""
     current = ctx_host.get()  # the Host itself: the ``host`` proxy hashes as whichever is current
     preparing = not host.state.is_executing
@@ -127,7 +127,7 @@ def _drive_units(
         states = ", ".join(f"{name} {unit_label(fact['units'].get(name))}" for name in UNITS)
         host.noop(f"{settled}: {states}")
         return
-    refusal = _needs_root(fact)
+    refusal = needs_root(fact)
     yield from [refusal] if refusal else commands
 
 
@@ -142,7 +142,7 @@ def services_disabled(mask: bool = False) -> Generator[Any, None, None]:
 
         ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=True)
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     if not fact["systemd"]:
@@ -171,7 +171,7 @@ def merging_stopped() -> Generator[Any, None, None]:
 
         ksm.merging_stopped(name="Stop KSM merging")
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     ksm = fact["ksm"]
@@ -183,7 +183,7 @@ def merging_stopped() -> Generator[Any, None, None]:
         return
 
     log_change("run: 1 → 0")
-    refusal = _needs_root(fact)
+    refusal = needs_root(fact)
     if refusal:
         yield refusal
         return
@@ -201,7 +201,7 @@ def boot_persisted(present: bool = True) -> Generator[Any, None, None]:
 
         ksm.boot_persisted(name="Keep KSM off at boot", present=True)
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     if not fact["systemd"]:
@@ -216,7 +216,7 @@ def boot_persisted(present: bool = True) -> Generator[Any, None, None]:
         return
 
     log_change(f"{PERSIST_PATH}: {fact['persist']} → {wanted}")
-    refusal = _needs_root(fact)
+    refusal = needs_root(fact)
     if refusal:
         yield refusal
         return
@@ -242,7 +242,7 @@ def unmerged(
 
         ksm.unmerged(name="Unmerge KSM pages", max_fraction=0.5)
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     ksm = fact["ksm"]
@@ -260,12 +260,12 @@ def unmerged(
         f"pages_sharing: {ksm.get('pages_sharing', 0)} → 0 "
         f"(~{human_bytes(need)} to unmerge, {human_bytes(available)} available)"
     )
-    refusal = _needs_root(fact)
+    refusal = needs_root(fact)
     if refusal:
         yield refusal
         return
     if need > allowed and not force:
-        yield _refusal(
+        yield refusal_command(
             f"unsafe unmerge refused: needs {human_bytes(need)} ({need} bytes), more than "
             f"{max_fraction * 100:g}% of MemAvailable {human_bytes(available)} "
             f"({available} bytes); free memory, raise the limit (--max-fraction) or force it "
@@ -284,7 +284,7 @@ def services_enabled() -> Generator[Any, None, None]:
 
         ksm.services_enabled(name="Switch ksmtuned back on")
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     if not fact["systemd"]:
@@ -315,7 +315,7 @@ def rejected(reason: str) -> Generator[Any, None, None]:
 
         ksm.rejected(name="Check ksm-guard settings", reason="unknown ksm_mode 'disabel'")
     """
-    yield _refusal(reason)
+    yield refusal_command(reason)
 
 
 @operation()
@@ -329,7 +329,7 @@ def audited(max_fraction: float = DEFAULT_MAX_FRACTION) -> Generator[Any, None, 
 
         ksm.audited(name="Audit KSM")
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     record = audit_record(fact, max_fraction)

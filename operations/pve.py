@@ -8,7 +8,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 
-from .ksm import _host_state, _needs_root, _refusal, log_change
+from .ksm import host_state, log_change, needs_root, refusal_command
 from .vms import ALLOW_KSM_SINCE, allow_ksm_supported
 
 _HOST_WIDE = "switch KSM off host-wide instead (ksm-guard disable)"
@@ -36,24 +36,24 @@ def vms_opted_out(vmids: list[int] | None = None) -> Generator[Any, None, None]:
 
         pve.vms_opted_out(name="Opt VMs out of KSM", vmids=[100, 101])
     """
-    fact = _host_state()
+    fact = host_state()
     if fact is None:
         return
     version = fact.get("qemu_server")
     if version is None:
-        yield _refusal(
+        yield refusal_command(
             "vm-optout not supported: not a Proxmox VE host (qemu-server is not installed); "
             + _HOST_WIDE
         )
         return
     if not allow_ksm_supported(version):
         needed = ".".join(str(part) for part in ALLOW_KSM_SINCE)
-        yield _refusal(
+        yield refusal_command(
             f"vm-optout not supported: qemu-server {version} has no allow-ksm (needs {needed} "
             f"or later, Proxmox VE 9); {_HOST_WIDE}"
         )
         return
-    refusal = _needs_root(fact)  # /etc/pve is not readable by others: the VMs would look absent
+    refusal = needs_root(fact)  # /etc/pve is not readable by others: the VMs would look absent
     if refusal:
         yield refusal
         return
