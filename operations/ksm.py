@@ -75,6 +75,7 @@ def refuse(state: Any, host: Any, message: str) -> bool:
 
 
 def refusal_command(message: str) -> FunctionCommand:
+    """A command that fails the host with ``message`` and runs nothing on it."""
     return FunctionCommand(refuse, (message,), {})
 
 
