@@ -34,10 +34,11 @@ def _child(inventory_path: str, parallel: int, fact: str) -> None:
     from pyinfra.facts.server import Command
 
     from cli import app, render  # noqa: F401  (the CLI imports them; so must we)
-    from cli.engine import HostResult, RunResult, _gather
+    from cli.engine import HostResult, RunResult, read
     from cli.inventory import make_inventory
     from operations import modes  # noqa: F401
     from operations.facts import KSM_HOST_COMMAND
+    from operations.model import Mode, Status
     from operations.report import audit_record
 
     marks["imports"] = time.time()
@@ -49,13 +50,15 @@ def _child(inventory_path: str, parallel: int, fact: str) -> None:
     connect_all(state)
     marks["connect"] = time.time()
     if fact == "ksm":
-        facts: dict[Any, Any] = _gather(state, hosts)
+        facts: dict[Any, Any] = {
+            h: reading.state for h, reading in zip(hosts, read(state, hosts).values(), strict=True)
+        }
     else:
         facts = get_facts(state, Command, kwargs={"command": KSM_HOST_COMMAND})
     marks["fact"] = time.time()
     if fact == "ksm":
-        results = [HostResult(h.name, "ok", audit=audit_record(facts[h])) for h in hosts]
-        render.as_json(RunResult("audit", False, results))
+        results = [HostResult(h.name, Status.OK, audit=audit_record(facts[h])) for h in hosts]
+        render.as_json(RunResult(Mode.AUDIT, False, results))
     marks["processing"] = time.time()
     disconnect_all(state)
     marks["disconnect"] = time.time()

@@ -7,6 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from . import __version__
@@ -15,7 +16,8 @@ EXIT_CODES = (
     "Exit codes: 0 all hosts compliant (audit) or all changes done; "
     "1 a host is non-compliant (audit) or a change failed or was refused; "
     "2 usage error (bad option, missing or broken inventory); "
-    "3 a host was unreachable or its state could not be read."
+    "3 a host was unreachable or its state could not be read, or --textfile-dir could not be "
+    "written; 130 interrupted (Ctrl-C)."
 )
 
 app = typer.Typer(
@@ -162,6 +164,12 @@ def _vmids(values: list[int] | None) -> list[int] | None:
     return values
 
 
+def _batch(serial: bool, batch: int | None) -> int | None:
+    if serial and batch is not None:
+        raise typer.BadParameter("--serial is --batch 1: give one of them", param_hint="--serial")
+    return 1 if serial else batch
+
+
 def _execute(
     mode: str,
     output: Output,
@@ -172,31 +180,42 @@ def _execute(
     textfile_dir: Path | None = None,
     **options: object,
 ) -> None:
-    from . import prometheus, render
-    from .engine import EXIT_USAGE, Request, RunResult, UsageError, run
+    from operations.model import Mode
 
-    request = Request(mode=mode, **options)  # type: ignore[arg-type]
-    interactive = _interactive()
-    if mode != "audit" and not request.dry_run and not yes and not interactive:
+    from . import prometheus, render
+    from .engine import (
+        EXIT_INTERRUPTED,
+        EXIT_UNREACHABLE,
+        EXIT_USAGE,
+        Request,
+        RunResult,
+        UsageError,
+        run,
+    )
+
+    request = Request(mode=Mode(mode), **options)  # type: ignore[arg-type]
+    if mode != "audit" and not request.dry_run and not yes and not _interactive():
         _err(f"ksm-guard: refusing to {mode} without confirmation: pass --yes (no terminal)")
         raise typer.Exit(EXIT_USAGE)
 
     def confirm(plan: RunResult) -> bool:
         if yes:
             return True
-        _err(render.table(plan))
-        return typer.confirm(f"Apply '{mode}' to these hosts?", default=False, err=True)
+        _err(render.plan_text(plan))
+        count = len(plan.pending)
+        return typer.confirm(f"Apply '{mode}' to {count} host(s)?", default=False, err=True)
 
     terminal = sys.stderr.isatty()
-    echo = _err if (verbose or terminal) else None
+    echo = _err if verbose else None
     watch = _err if (terminal if progress is None else progress) else None
     try:
         result = run(request, confirm=confirm, echo=echo, progress=watch)
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
-    if textfile_dir is not None:
-        prometheus.write_textfile(textfile_dir, prometheus.render(result))
+    except click.Abort:
+        _err("ksm-guard: interrupted at the prompt; nothing changed")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if output is Output.prometheus:
         typer.echo(prometheus.render(result), nl=False)
     else:
@@ -205,7 +224,13 @@ def _execute(
         )
     for host in result.hosts:
         if host.detail:
-            _err(f"ksm-guard: {host.host}: {host.verdict}: {host.detail}")
+            _err(f"ksm-guard: {host.host}: {host.status}: {host.detail}")
+    if textfile_dir is not None:
+        try:
+            prometheus.write_textfile(textfile_dir, prometheus.render(result))
+        except OSError as error:
+            _err(f"ksm-guard: cannot write {textfile_dir / prometheus.TEXTFILE_NAME}: {error}")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
     raise typer.Exit(result.exit_code)
 
 
@@ -249,7 +274,7 @@ def disable(
     """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
     _execute(
         "disable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error,
         mask=mask, sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
@@ -280,7 +305,7 @@ def unmerge(
     """
     _execute(
         "unmerge", output, yes, verbose, progress, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error,
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
@@ -305,7 +330,7 @@ def enable(
     """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
     _execute(
         "enable", output, yes, verbose, inventory=inventory, limit=limit or [],
-        dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error,
         sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
@@ -330,7 +355,7 @@ def vm_optout(
     """Proxmox VE 9: allow-ksm 0 on the VMs (qm set); never restarts a VM, says which need it."""
     _execute(
         "vm-optout", output, yes, verbose, inventory=inventory, limit=limit or [],
-        vmids=vmid or [], dry_run=dry_run, parallel=parallel, batch=1 if serial else batch,
+        vmids=vmid or [], dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error, sudo=sudo, connect_timeout=connect_timeout,
     )  # fmt: skip
 

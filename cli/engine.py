@@ -1,31 +1,166 @@
-"""Run one ksm-guard mode over an inventory through ``pyinfra.api`` and collect per-host results."""
+"""
+Run one ksm-guard mode over an inventory through ``pyinfra.api``, in named steps:
+connect, read, plan, confirm, roll out, closing audit.
+
+The plan is ``operations.plan``'s, from one read per host: a dry run and the prompt show it, and
+the real run carries it out batch by batch, each batch planned again on a fresh read right before
+its turn (``operations.modes``). Results come from the planner's own data and pyinfra's public
+objects (``OperationMeta``, ``BaseStateCallback``, ``State.failed_hosts``), never from log text.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from operations.report import DEFAULT_MAX_FRACTION, FAILED_VERDICTS, OK_VERDICTS, audit_record
+from operations.model import DEFAULT_MAX_FRACTION, HostState, Mode, Status, Verdict
+from operations.plan import HostPlan, Part, Refusal, RefusalCode
+from operations.report import AuditRecord, audit_record
 
 from .inventory import InventoryError, make_inventory
+
+if TYPE_CHECKING:
+    from pyinfra.api import Host, Inventory, State
 
 # Exit codes, documented in the README and in ``ksm-guard --help``.
 EXIT_OK = 0
 EXIT_NONCOMPLIANT = 1  # audit: a host is exposed; change modes: a change failed or was refused
 EXIT_USAGE = 2  # Click's own usage errors, and a missing or unloadable inventory
 EXIT_UNREACHABLE = 3  # a host was unreachable or its state could not be read
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 SCHEMA_VERSION = 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# stderr lines a login shell or sudo prints that say nothing about what failed.
+_NOISE = re.compile(r"could not chdir to home directory|^sudo: unable to resolve host", re.I)
 
 
 class UsageError(Exception):
     """Bad input that changes nothing: reported on one line, exit code 2."""
+
+
+@dataclass
+class Request:
+    """What the user asked for."""
+
+    mode: Mode
+    inventory: str = "@local"
+    limit: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    parallel: int = 0
+    batch: int | None = None  # hosts changed at once; None: one for unmerge, all otherwise
+    continue_on_error: bool = False
+    mask: bool = False
+    force: bool = False
+    sudo: bool = False
+    max_fraction: float | None = None
+    connect_timeout: int = 10
+    vmids: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        """Hosts per rollout batch; 0 means all at once."""
+        if self.batch is not None:
+            return self.batch
+        return 1 if self.mode is Mode.UNMERGE else 0
+
+    def override_data(self) -> dict[str, Any]:
+        """Host data the options set: the same keys a deploy reads (``--data ksm_mode=...``)."""
+        data: dict[str, Any] = {"ksm_mode": self.mode.value}
+        if self.mask:
+            data["ksm_mask"] = True
+        if self.force:
+            data["ksm_force"] = True
+        if self.max_fraction is not None:
+            data["ksm_max_fraction"] = self.max_fraction
+        if self.vmids:
+            data["ksm_vmids"] = list(self.vmids)
+        return data
+
+
+@dataclass
+class HostResult:
+    """One host's outcome: its status, the changes (from → to) and its audit."""
+
+    host: str
+    status: Status
+    detail: str | None = None
+    changes: list[str] = field(default_factory=list)
+    audit: AuditRecord | None = None
+    refusal: Refusal | None = None
+    unmerge: dict[str, Any] | None = None  # pages, bytes, seconds, memory_used_bytes
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.status is Status.UNREACHABLE:
+            return Verdict.UNREACHABLE
+        if self.audit is None:
+            return Verdict.ERROR
+        return Verdict(self.audit["verdict"])
+
+
+@dataclass
+class RunResult:
+    """The whole run. ``dry_run``: nothing was changed because none was asked for."""
+
+    mode: Mode
+    dry_run: bool
+    hosts: list[HostResult]
+    declined: bool = False  # the operator said no at the prompt: nothing changed
+
+    @property
+    def exit_code(self) -> int:
+        if self.declined:
+            return EXIT_OK
+        if any(h.verdict.unread for h in self.hosts):
+            return EXIT_UNREACHABLE
+        if any(h.status in (Status.REFUSED, Status.FAILED) for h in self.hosts):
+            return EXIT_NONCOMPLIANT
+        if self.mode is Mode.AUDIT and any(h.verdict.exposed for h in self.hosts):
+            return EXIT_NONCOMPLIANT
+        return EXIT_OK
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for result in self.hosts:
+            counts[result.verdict.value] = counts.get(result.verdict.value, 0) + 1
+        return counts
+
+    @property
+    def pending(self) -> list[HostResult]:
+        """Hosts the plan would change."""
+        return [h for h in self.hosts if h.status is Status.WOULD_CHANGE]
+
+
+@dataclass
+class Reading:
+    """One host's KSM state as read by the one fact command, or why it could not be."""
+
+    state: HostState | None
+    error: str | None = None
+    output: list[str] = field(default_factory=list)
+
+
+# -- step helpers ---------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_ANSI.sub("", text).split())
+
+
+def stderr_reason(lines: list[str]) -> str | None:
+    """The line of a command's stderr that says what went wrong (sudo's message, ...)."""
+    useful = [line.strip() for line in lines if line.strip() and not _NOISE.search(line)]
+    for line in useful:
+        if re.search(r"password is required|interactive authentication is required", line):
+            return f"permission denied: {line}"
+    return useful[-1] if useful else None
 
 
 class SudoPasswordRequired(OSError):
@@ -39,150 +174,364 @@ def _no_sudo_prompt(prompt: str = "", stream: TextIO | None = None) -> str:
     )
 
 
-@dataclass
-class Request:
-    """What the user asked for."""
+@contextmanager
+def no_password_prompt() -> Iterator[None]:
+    """
+    Off a terminal, make pyinfra fail a host instead of blocking on ``getpass`` for its sudo
+    password. pyinfra offers no setting for this: it calls ``getpass`` from
+    ``pyinfra.connectors.util.execute_command_with_sudo_retry`` (tests/test_engine.py fails when
+    that changes). This is the only place ksm-guard reaches into pyinfra.
+    """
+    import pyinfra.connectors.util as connector_util
 
-    mode: str
-    inventory: str = "@local"
-    limit: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    parallel: int = 0
-    batch: int | None = None  # hosts changed at once; None: one for unmerge, all otherwise
-    continue_on_error: bool = False
-    progress: bool = False
-    mask: bool = False
-    force: bool = False
-    sudo: bool = False
-    max_fraction: float | None = None
-    connect_timeout: int = 10
-    vmids: list[int] = field(default_factory=list)
-
-    @property
-    def batch_size(self) -> int:
-        """Hosts per rollout batch; 0 means all at once."""
-        if self.batch is not None:
-            return self.batch
-        return 1 if self.mode == "unmerge" else 0
+    if sys.stdin.isatty():
+        yield
+        return
+    asking = connector_util.getpass
+    connector_util.getpass = _no_sudo_prompt
+    try:
+        yield
+    finally:
+        connector_util.getpass = asking
 
 
-@dataclass
-class HostResult:
-    """One host's outcome: its status, the changes (from → to) and its audit afterwards."""
-
-    host: str
-    status: str  # ok, changed, would-change, refused, failed, not-reached, unreachable, error
-    detail: str | None = None
-    changes: list[str] = field(default_factory=list)
-    audit: dict[str, Any] | None = None
-    unmerge: dict[str, Any] | None = None  # pages, bytes, seconds, memory_used_bytes
-
-    @property
-    def verdict(self) -> str:
-        if self.status in ("unreachable", "error"):
-            return self.status
-        return self.audit["verdict"] if self.audit else "error"
-
-
-@dataclass
-class RunResult:
-    """The whole run."""
-
-    mode: str
-    dry_run: bool
-    hosts: list[HostResult]
-
-    @property
-    def exit_code(self) -> int:
-        if any(h.verdict in FAILED_VERDICTS for h in self.hosts):
-            return EXIT_UNREACHABLE
-        if self.mode == "audit":
-            bad = any(h.verdict not in OK_VERDICTS for h in self.hosts)
-        else:
-            bad = any(h.status in ("refused", "failed") for h in self.hosts)
-        return EXIT_NONCOMPLIANT if bad else EXIT_OK
-
-    def summary(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for result in self.hosts:
-            counts[result.verdict] = counts.get(result.verdict, 0) + 1
-        return counts
-
-
-class _Capture(logging.Handler):
-    """Collects pyinfra's per-host log lines: our diffs and refusals, and error output."""
-
-    def __init__(self, echo: Callable[[str], None] | None) -> None:
-        super().__init__(logging.DEBUG)
-        self.changes: dict[tuple[str, bool], list[str]] = {}  # (host, executing): diff lines
-        self.refusals: dict[str, str] = {}
-        self.errors: dict[str, list[str]] = {}
+class _Echo(logging.Handler):
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
         self.echo = echo
 
     def emit(self, record: logging.LogRecord) -> None:
-        host = getattr(record, "ksm_guard_host", None)
-        change = getattr(record, "ksm_guard_change", None)
-        refusal = getattr(record, "ksm_guard_refusal", None)
-        text = _ANSI.sub("", record.getMessage())
-        if host and change:
-            executing = bool(getattr(record, "ksm_guard_executing", False))
-            seen = self.changes.setdefault((host, executing), [])
-            if change not in seen:
-                seen.append(change)
-        elif host and refusal:
-            self.refusals.setdefault(host, refusal)
-        elif record.levelno >= logging.ERROR:
-            match = re.match(r"\s*\[([^\]]+)\]\s*(.*)", text)
-            if match:
-                self.errors.setdefault(match.group(1), []).append(match.group(2).strip())
-        if self.echo and record.levelno >= logging.INFO:
-            self.echo(text)
+        self.echo(_ANSI.sub("", record.getMessage()))
 
 
-def _error_detail(lines: list[str]) -> str:
-    """The most telling line of a host's error output."""
-    useful = [line for line in lines if line and not line.startswith("Error")]
-    for line in useful:
-        found = re.search(r"permission denied: [^'\"]*", line)
-        if found:
-            return found.group(0).strip()
-        if re.search(r"permission denied|not permitted|password is required", line, re.I):
-            return f"permission denied: {line}"
-    return (useful or lines or ["unknown error"])[0]
+@contextmanager
+def _logs(echo: Callable[[str], None] | None) -> Iterator[None]:
+    """pyinfra's log goes to ``echo`` (or nowhere); paramiko's handshake tracebacks nowhere."""
+    pyinfra_logger = logging.getLogger("pyinfra")
+    paramiko_logger = logging.getLogger("paramiko")
+    handler: logging.Handler = _Echo(echo) if echo else logging.NullHandler()
+    quiet = logging.NullHandler()
+    saved = (pyinfra_logger.level, pyinfra_logger.propagate, paramiko_logger.propagate)
+    pyinfra_logger.addHandler(handler)
+    paramiko_logger.addHandler(quiet)
+    pyinfra_logger.setLevel(logging.INFO)
+    pyinfra_logger.propagate = paramiko_logger.propagate = False
+    try:
+        yield
+    finally:
+        pyinfra_logger.removeHandler(handler)
+        paramiko_logger.removeHandler(quiet)
+        pyinfra_logger.setLevel(saved[0])
+        pyinfra_logger.propagate, paramiko_logger.propagate = saved[1], saved[2]
 
 
-def _override_data(request: Request) -> dict[str, Any]:
-    data: dict[str, Any] = {"ksm_mode": request.mode}
-    if request.mask:
-        data["ksm_mask"] = True
-    if request.force:
-        data["ksm_force"] = True
-    if request.max_fraction is not None:
-        data["ksm_max_fraction"] = request.max_fraction
-    if request.vmids:
-        data["ksm_vmids"] = list(request.vmids)
-    return data
+def _new_state(inventory: Inventory, request: Request, hosts: list[str]) -> State:
+    from pyinfra.api import Config, State
+
+    config = Config(PARALLEL=request.parallel, CONNECT_TIMEOUT=request.connect_timeout)
+    config.SUDO = request.sudo
+    state = State(check_for_changes=True)
+    state.init(inventory, config, initial_limit=[inventory.get_host(name) for name in hosts])
+    return state
 
 
-def _gather(state: Any, hosts: list[Any]) -> dict[Any, dict[str, Any] | None]:
-    """Read the KsmHost fact on every host at once: one remote command each."""
+def _bound_handshake(inventory: Inventory, names: list[str], timeout: int) -> None:
+    """paramiko's banner and auth waits are bounded by the connect timeout too."""
+    for name in names:
+        data = inventory.get_host(name).data
+        connect_kwargs = dict(data.get("ssh_paramiko_connect_kwargs") or {})
+        for key in ("banner_timeout", "auth_timeout"):
+            connect_kwargs.setdefault(key, timeout)
+        data.ssh_paramiko_connect_kwargs = connect_kwargs
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def connect(state: State, hosts: list[Host], timeout: int) -> dict[str, str]:
+    """Connect to ``hosts`` at once; the reason for each one that could not be reached."""
+    from .connect import connect_hosts
+
+    return connect_hosts(state, hosts, float(timeout))
+
+
+def read(state: State, hosts: list[Host]) -> dict[str, Reading]:
+    """Run the one KSM state command on every host at once and parse each answer."""
     import gevent
-    from pyinfra.api.facts import get_fact
+
+    greenlets = {host.name: state.pool.spawn(read_host, state, host) for host in hosts}
+    gevent.joinall(list(greenlets.values()))
+    return {name: greenlet.value for name, greenlet in greenlets.items()}
+
+
+def read_host(state: State, host: Host) -> Reading:
+    """The KSM state of one connected host, with its sudo settings, from one remote command."""
+    from paramiko import SSHException
+    from pyinfra.api import StringCommand
+    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+    from pyinfra.api.exceptions import FactProcessError
     from pyinfra.context import ctx_host, ctx_state
 
-    from operations.facts import KsmHost
+    from operations.facts import KSM_HOST_COMMAND, parse_ksm_host
 
-    def read(host: Any) -> dict[str, Any] | None:
-        with ctx_state.use(state), ctx_host.use(host):
-            try:
-                return get_fact(state, host, KsmHost, apply_failed_hosts=False)
-            except Exception as error:  # a dropped connection must not end the fleet run
-                logging.getLogger("pyinfra").error(f"[{host.name}] {error}")
-                return None
+    with ctx_state.use(state), ctx_host.use(host):
+        arguments, _ = pop_global_arguments(state, host, {})
+        connector_arguments = {
+            key: value for key, value in arguments.items() if key in CONNECTOR_ARGUMENT_KEYS
+        }
+        try:
+            ok, output = host.run_shell_command(
+                StringCommand(KSM_HOST_COMMAND), **connector_arguments
+            )
+        except (OSError, TimeoutError, SSHException) as error:
+            return Reading(None, _one_line(str(error) or type(error).__name__))
+    if not ok:
+        reason = stderr_reason(output.stderr_lines) or "the KSM state command failed"
+        return Reading(None, reason, output.stdout_lines)
+    try:
+        return Reading(parse_ksm_host(output.stdout_lines), None, output.stdout_lines)
+    except FactProcessError as error:
+        return Reading(None, str(error), output.stdout_lines)
 
-    greenlets = {host: state.pool.spawn(read, host) for host in hosts}
-    gevent.joinall(list(greenlets.values()))
-    return {host: greenlet.value for host, greenlet in greenlets.items()}
+
+def plan_host(host: Host, reading: Reading) -> HostPlan | None:
+    """The host's plan for the mode and options its data names (None: state unreadable)."""
+    from operations.model import Options, SettingsError, settings_from_data
+    from operations.plan import plan, refused
+
+    try:
+        mode, options = settings_from_data(host.data)
+    except SettingsError as error:
+        raw = str(host.data.get("ksm_mode"))
+        mode = Mode(raw) if raw in {known.value for known in Mode} else Mode.AUDIT
+        return refused(mode, Options(), RefusalCode.BAD_SETTINGS, str(error))
+    if reading.state is None:
+        return None
+    return plan(reading.state, mode, options)
+
+
+def _max_fraction(host_plan: HostPlan | None) -> float:
+    return host_plan.options.max_fraction if host_plan else DEFAULT_MAX_FRACTION
+
+
+def _batches(request: Request, result: RunResult) -> list[list[str]]:
+    """The rollout's batches, in inventory order: the hosts the plan changes or refuses."""
+    targets = [h.host for h in result.hosts if h.status in (Status.WOULD_CHANGE, Status.REFUSED)]
+    size = request.batch_size or len(targets) or 1
+    return [targets[start : start + size] for start in range(0, len(targets), size)]
+
+
+def _stopped_at(batch: list[str], results: dict[str, HostResult]) -> str | None:
+    """The first host of the batch that stops a rollout: refused, failed or unreadable."""
+    for name in batch:
+        result = results[name]
+        if result.status in (Status.REFUSED, Status.FAILED) or result.verdict.unread:
+            return name
+    return None
+
+
+def _not_reached(later: list[list[str]], results: dict[str, HostResult], stop: str) -> None:
+    for batch in later:
+        for name in batch:
+            results[name] = HostResult(
+                name,
+                Status.NOT_REACHED,
+                f"rollout stopped at {stop}",
+                audit=results[name].audit,
+            )
+
+
+def preview(
+    request: Request,
+    names: list[str],
+    unreachable: dict[str, str],
+    readings: dict[str, Reading],
+    plans: dict[str, HostPlan | None],
+) -> RunResult:
+    """Each host as the plan has it: what a dry run reports and the prompt shows."""
+    hosts = []
+    for name in names:
+        if name in unreachable:
+            hosts.append(HostResult(name, Status.UNREACHABLE, unreachable[name]))
+            continue
+        reading, host_plan = readings[name], plans[name]
+        result = HostResult(name, Status.ERROR, reading.error)
+        if reading.state is not None:
+            result.audit = audit_record(reading.state, _max_fraction(host_plan))
+            result.status = Status.OK
+        if host_plan is not None and host_plan.refusal is not None:
+            result.status, result.refusal = Status.REFUSED, host_plan.refusal
+            result.detail = host_plan.refusal.reason
+        elif host_plan is not None and reading.state is not None:
+            result.status, result.changes = host_plan.status, host_plan.changes
+        hosts.append(result)
+    planned = RunResult(request.mode, request.dry_run, hosts)
+    if request.mode is not Mode.AUDIT and not request.continue_on_error:
+        # A refused host stops the rollout after its batch: the plan says so as the run will.
+        results = {h.host: h for h in hosts}
+        batches = _batches(request, planned)
+        for number, batch in enumerate(batches):
+            stop = _stopped_at(batch, results)
+            if stop is not None:
+                _not_reached(batches[number + 1 :], results, stop)
+                break
+        planned.hosts = [results[name] for name in names]
+    return planned
+
+
+class _Timer:
+    """Seconds each host spent in each operation, from pyinfra's state callbacks."""
+
+    def __init__(self) -> None:
+        from pyinfra.api import BaseStateCallback
+
+        timer = self
+        self.started: dict[tuple[str, str], float] = {}
+        self.seconds: dict[tuple[str, str], float] = {}
+
+        class Callback(BaseStateCallback):
+            @staticmethod
+            def operation_host_start(state: State, host: Host, op_hash: str) -> None:
+                timer.started[(host.name, op_hash)] = time.monotonic()
+
+            @staticmethod
+            def operation_host_success(
+                state: State, host: Host, op_hash: str, retry_count: int = 0
+            ) -> None:
+                start = timer.started.get((host.name, op_hash))
+                if start is not None:
+                    timer.seconds[(host.name, op_hash)] = time.monotonic() - start
+
+        self.callback = Callback()
+
+
+def _operations(state: State, host: Host) -> list[tuple[str, Any]]:
+    """The host's operations in run order: (op hash, OperationMeta)."""
+    found = []
+    for op_hash in state.get_op_order():
+        with suppress(KeyError):
+            found.append((op_hash, state.get_op_data_for_host(host, op_hash).operation_meta))
+    return found
+
+
+def _outcome(state: State, host: Host, host_plan: HostPlan | None, timer: _Timer) -> HostResult:
+    """What the batch did to one host, from its plan and its operations' results."""
+    from operations import ksm
+    from operations.modes import UNMERGE_OPERATION
+
+    if host_plan is None:
+        return HostResult(host.name, Status.ERROR, "KSM state could not be read at its turn")
+    if host_plan.refusal is not None:
+        refusal = host_plan.refusal
+        return HostResult(host.name, Status.REFUSED, refusal.reason, refusal=refusal)
+    result = HostResult(host.name, Status.OK, changes=host_plan.changes)
+    operations = _operations(state, host)
+    complete = [(op_hash, meta) for op_hash, meta in operations if meta.is_complete()]
+    refused = ksm.refusal_of(state, host)
+    failed = next(((h, meta) for h, meta in complete if meta.did_error()), None)
+    if refused is not None:
+        result.status, result.detail = Status.REFUSED, refused
+    elif failed is not None or host in state.failed_hosts:
+        result.status = Status.FAILED
+        if failed is not None:
+            name = ", ".join(sorted(state.get_op_meta(failed[0]).names))
+            reason = stderr_reason(failed[1].stderr_lines) or "a command failed"
+            result.detail = f"{name}: {reason}"
+        else:
+            result.detail = "the operations did not complete"
+    elif any(meta.did_change() for _, meta in complete):
+        result.status = Status.CHANGED
+    unmerge = host_plan.part(Part.UNMERGE)
+    for op_hash, meta in complete:
+        names = state.get_op_meta(op_hash).names
+        if unmerge and unmerge.steps and UNMERGE_OPERATION in names and meta.did_change():
+            figures = unmerge.steps[0].figures
+            result.unmerge = {
+                "pages": figures["pages"],
+                "bytes": figures["bytes"],
+                "seconds": round(timer.seconds.get((host.name, op_hash), 0.0), 3),
+                "memory_used_bytes": None,  # from the closing audit
+            }
+    return result
+
+
+def run_batch(
+    state: State, hosts: list[Host], progress: Callable[[str], None] | None
+) -> list[HostResult]:
+    """Plan the batch again on a fresh read, run what passes, then audit it (closing audit)."""
+    from pyinfra.api.deploy import add_deploy
+    from pyinfra.api.exceptions import PyinfraError
+    from pyinfra.api.operations import run_ops
+
+    from operations import modes
+
+    timer = _Timer()
+    state.add_callback_handler(timer.callback)
+    with suppress(PyinfraError):  # the last host refused: "No hosts remaining!"
+        add_deploy(state, modes.run_from_host_data, host=hosts)
+    if any(host not in state.failed_hosts for host in hosts):
+        with _watching(hosts, progress), suppress(PyinfraError):  # failures collected below
+            run_ops(state)
+    results = [_outcome(state, host, modes.planned(state, host), timer) for host in hosts]
+    readings = read(state, hosts)
+    for host, result in zip(hosts, results, strict=True):
+        reading, host_plan = readings[host.name], modes.planned(state, host)
+        if reading.state is not None:
+            result.audit = audit_record(reading.state, _max_fraction(host_plan))
+            if result.unmerge is not None:
+                used = reading.state["mem_total"] - reading.state["mem_available"]
+                result.unmerge["memory_used_bytes"] = used
+        elif result.status not in (Status.REFUSED, Status.FAILED):
+            result.status, result.detail = Status.ERROR, reading.error
+    return results
+
+
+def roll_out(
+    request: Request,
+    inventory: Inventory,
+    first: State,
+    planned: RunResult,
+    progress: Callable[[str], None] | None,
+) -> RunResult:
+    """
+    Carry out the plan in batches, in inventory order. Hosts the plan refused stay refused
+    without being touched; the rest are planned again right before their turn. Unless told to go
+    on, stop after the first batch with a refused or failed host: the rest are not reached.
+    """
+    from pyinfra.api import Inventory as PyinfraInventory
+    from pyinfra.api.connect import disconnect_all
+
+    results = {r.host: r for r in planned.hosts}
+    batches = _batches(request, planned)
+    states = [first]
+    try:
+        for number, batch in enumerate(batches):
+            runnable = [name for name in batch if results[name].status is Status.WOULD_CHANGE]
+            if runnable and number == 0:
+                hosts = [first.inventory.get_host(name) for name in runnable]
+                results.update({r.host: r for r in run_batch(first, hosts, progress)})
+            elif runnable:
+                # A State per batch, over an inventory of the batch's own Host objects.
+                batch_inventory = PyinfraInventory(
+                    ([(name, inventory.get_host(name).data.dict()) for name in runnable], {})
+                )
+                state = _new_state(batch_inventory, request, runnable)
+                states.append(state)
+                hosts = [batch_inventory.get_host(name) for name in runnable]
+                lost = connect(state, hosts, request.connect_timeout)
+                for name, reason in lost.items():
+                    results[name] = HostResult(name, Status.UNREACHABLE, reason)
+                live = [host for host in hosts if host.name not in lost]
+                if live:
+                    results.update({r.host: r for r in run_batch(state, live, progress)})
+            stop = _stopped_at(batch, results)
+            if stop is not None and not request.continue_on_error:
+                _not_reached(batches[number + 1 :], results, stop)
+                break
+    finally:
+        for state in states[1:]:
+            disconnect_all(state)
+    return RunResult(request.mode, False, [results[r.host] for r in planned.hosts])
 
 
 def run(
@@ -192,206 +541,39 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """
-    Run ``request`` and report per host. ``confirm`` sees the plan of a change before it runs,
-    ``echo`` gets pyinfra's log lines and ``progress`` the pages still shared during an unmerge.
+    Run ``request`` and report per host. ``confirm`` sees the plan of a change before anything
+    runs (False: declined, nothing changes), ``echo`` gets pyinfra's log lines and ``progress``
+    the pages still shared during an unmerge.
     """
-    from pyinfra.api import BaseStateCallback, Config, State
-    from pyinfra.api.connect import connect_all, disconnect_all
-    from pyinfra.api.deploy import add_deploy
-    from pyinfra.api.exceptions import PyinfraError
-
-    from operations import modes
+    from pyinfra.api.connect import disconnect_all
 
     try:
-        inventory, chosen = make_inventory(
-            request.inventory, _override_data(request), request.limit
-        )
+        inventory, names = make_inventory(request.inventory, request.override_data(), request.limit)
     except InventoryError as error:
         raise UsageError(str(error)) from None
-
-    config = Config(
-        PARALLEL=request.parallel,
-        CONNECT_TIMEOUT=request.connect_timeout,
-        SUDO=request.sudo,
-    )
-    for name in chosen:  # bound the whole handshake, not just the TCP connect
-        data = inventory.get_host(name).data
-        connect_kwargs = dict(data.get("ssh_paramiko_connect_kwargs") or {})
-        for key in ("banner_timeout", "auth_timeout"):
-            connect_kwargs.setdefault(key, request.connect_timeout)
-        data.ssh_paramiko_connect_kwargs = connect_kwargs
-    state = State(check_for_changes=True)
-    state.init(inventory, config, initial_limit=[inventory.get_host(name) for name in chosen])
-
-    capture = _Capture(echo)
-    pyinfra_logger = logging.getLogger("pyinfra")
-    saved = (pyinfra_logger.level, pyinfra_logger.propagate)
-    pyinfra_logger.addHandler(capture)
-    pyinfra_logger.setLevel(logging.INFO)
-    pyinfra_logger.propagate = False
-    # paramiko logs a failed handshake with a traceback on stderr: the host's row says it already.
-    quiet = logging.NullHandler()
-    paramiko_logger = logging.getLogger("paramiko")
-    paramiko_logger.addHandler(quiet)
-
-    unreachable: dict[str, str] = {}
-
-    class ConnectErrors(BaseStateCallback):
-        @staticmethod
-        def host_connect_error(state: Any, host: Any, error: Any) -> None:
-            text = str(error.args[0] if getattr(error, "args", None) else error)
-            unreachable[host.name] = _ANSI.sub("", text)
-
-    state.add_callback_handler(ConnectErrors())
-
-    results: dict[str, HostResult] = {}
-    previewed = request.dry_run
-    # Off a terminal pyinfra would block on getpass() for a sudo password: fail the host instead.
-    import pyinfra.connectors.util as connector_util
-
-    asking = connector_util.getpass
-    prompt_blocked = not sys.stdin.isatty()
-    if prompt_blocked:
-        connector_util.getpass = _no_sudo_prompt
-    try:
-        with suppress(PyinfraError):  # every host failed to connect: reported below
-            connect_all(state)
-        for name in chosen:
-            if name in unreachable or not inventory.get_host(name).connected:
-                unreachable.setdefault(name, "could not connect")
-                results[name] = HostResult(name, "unreachable", detail=unreachable[name])
-        live = [inventory.get_host(name) for name in chosen if name not in results]
-
-        if request.mode != "audit" and live:
-            with suppress(PyinfraError):  # hosts whose facts failed are reported below
-                add_deploy(state, modes.run_from_host_data, host=live)
-            planned = _collect(state, live, capture, executed=False)
-            pending = any(r.status != "ok" for r in planned)
-            if request.dry_run or (
-                pending
-                and confirm is not None
-                and not confirm(RunResult(request.mode, True, planned))
-            ):
-                previewed = True  # a dry run, or the user said no: nothing was changed
-                results.update({r.host: r for r in planned})
-            else:
-                rolled = _roll_out(state, live, request, capture, progress)
-                results.update({r.host: r for r in rolled})
-
-        max_fraction = request.max_fraction or DEFAULT_MAX_FRACTION
-        readable = [inventory.get_host(name) for name in chosen if name not in unreachable]
-        for host, fact in _gather(state, readable).items():
-            result = results.setdefault(host.name, HostResult(host.name, "ok"))
-            if fact is not None:
-                result.audit = audit_record(fact, max_fraction)
-                if result.unmerge is not None:
-                    result.unmerge["memory_used_bytes"] = fact["mem_total"] - fact["mem_available"]
-            elif result.status not in ("refused", "failed"):
-                result.status = "error"
-                result.detail = result.detail or _error_detail(capture.errors.get(host.name, []))
-    finally:
-        connector_util.getpass = asking
+    _bound_handshake(inventory, names, request.connect_timeout)
+    with _logs(echo), no_password_prompt():
+        state = _new_state(inventory, request, names)
         try:
-            disconnect_all(state)
+            hosts = [inventory.get_host(name) for name in names]
+            unreachable = connect(state, hosts, request.connect_timeout)
+            live = [host for host in hosts if host.name not in unreachable]
+            readings = read(state, live)
+            plans = {host.name: plan_host(host, readings[host.name]) for host in live}
+            planned = preview(request, names, unreachable, readings, plans)
+            if request.mode is Mode.AUDIT or request.dry_run or not planned.pending:
+                return planned
+            if confirm is not None and not confirm(planned):
+                planned.declined = True
+                return planned
+            watch = progress if request.mode is Mode.UNMERGE else None
+            return roll_out(request, inventory, state, planned, watch)
         finally:
-            pyinfra_logger.removeHandler(capture)
-            paramiko_logger.removeHandler(quiet)
-            pyinfra_logger.setLevel(saved[0])
-            pyinfra_logger.propagate = saved[1]
-
-    return RunResult(request.mode, previewed, [results[name] for name in chosen])
-
-
-def _collect(state: Any, hosts: list[Any], capture: _Capture, executed: bool) -> list[HostResult]:
-    """Per-host status of a prepared (or executed) change."""
-    out = []
-    for host in hosts:
-        # Executed, a host reports what its operations found when they ran, not the plan.
-        changes = capture.changes.get((host.name, executed), [])
-        refusal = capture.refusals.get(host.name)
-        failed = host in state.failed_hosts
-        if refusal:
-            status, detail = "refused", refusal
-        elif failed:
-            status, detail = "failed", _error_detail(capture.errors.get(host.name, []))
-        elif executed and _did_change(state, host):
-            status, detail = "changed", None
-        elif not executed and state.get_meta_for_host(host).ops_change:
-            status, detail = "would-change", None
-        else:
-            status, detail = "ok", None
-        out.append(HostResult(host.name, status, detail, list(changes)))
-    return out
-
-
-def _roll_out(
-    state: Any,
-    hosts: list[Any],
-    request: Request,
-    capture: _Capture,
-    progress: Callable[[str], None] | None,
-) -> list[HostResult]:
-    """
-    Execute the prepared change in batches, in inventory order. Unless told to go on, stop
-    after the first batch in which a host failed or was refused: the rest are not reached.
-    """
-    from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.operations import run_ops
-
-    size = request.batch_size or len(hosts)
-    batches = [hosts[start : start + size] for start in range(0, len(hosts), size)]
-    out: list[HostResult] = []
-    for number, batch in enumerate(batches):
-        state.active_hosts = {host for host in batch if host not in state.failed_hosts}
-        if state.active_hosts:
-            watch = progress if request.mode == "unmerge" else None
-            with _watching(batch, watch), suppress(PyinfraError):  # failures are collected below
-                run_ops(state)
-        done = _collect(state, batch, capture, executed=True)
-        for result, host in zip(done, batch, strict=True):
-            result.unmerge = _unmerge_figures(state, host)
-        out.extend(done)
-        stopped = [r.host for r in done if r.status in ("refused", "failed")]
-        if stopped and not request.continue_on_error:
-            rest = [host.name for later in batches[number + 1 :] for host in later]
-            out.extend(
-                HostResult(name, "not-reached", f"rollout stopped at {stopped[0]}") for name in rest
-            )
-            break
-    return out
-
-
-def _did_change(state: Any, host: Any) -> bool:
-    """Whether any operation ran a command on ``host`` when executed."""
-    return any(
-        data.operation_meta.is_complete() and data.operation_meta.did_change()
-        for data in state.ops.get(host, {}).values()
-    )
-
-
-def _unmerge_figures(state: Any, host: Any) -> dict[str, Any] | None:
-    """What the unmerge script reported on this host: pages unmerged and seconds taken."""
-    from operations.ksm import UNMERGE_MARK
-
-    for op_data in state.ops.get(host, {}).values():
-        meta = op_data.operation_meta
-        if not meta.is_complete() or not meta.did_succeed():
-            continue
-        for line in meta.stdout_lines:
-            words = line.split()
-            if words[:1] == [UNMERGE_MARK]:
-                fields = dict(word.split("=", 1) for word in words[1:] if "=" in word)
-                return {
-                    "pages": int(fields["pages"]),
-                    "bytes": int(fields["pages"]) * int(fields["page_size"]),
-                    "seconds": int(fields["ms"]) / 1000,
-                    "memory_used_bytes": None,  # filled from the closing audit
-                }
-    return None
+            disconnect_all(state)
 
 
 @contextmanager
-def _watching(hosts: list[Any], progress: Callable[[str], None] | None) -> Iterator[None]:
+def _watching(hosts: list[Host], progress: Callable[[str], None] | None) -> Iterator[None]:
     """While the block runs, report each host's pages still shared, read from sysfs each second."""
     if progress is None:
         yield
@@ -400,7 +582,7 @@ def _watching(hosts: list[Any], progress: Callable[[str], None] | None) -> Itera
     from gevent.event import Event
     from pyinfra.api import QuoteString, StringCommand
 
-    from operations.facts import KSM_DIR
+    from operations.model import KSM_DIR
 
     command = StringCommand("cat", QuoteString(f"{KSM_DIR}/pages_sharing"))
     stop = Event()

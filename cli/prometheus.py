@@ -6,9 +6,9 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from operations.report import OK_VERDICTS
+from operations.model import Vm
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -44,7 +44,7 @@ def host_label(name: str) -> str:
     return socket.gethostname() if name == "@local" else name
 
 
-def vm_label(vm: dict[str, Any]) -> str:
+def vm_label(vm: Vm) -> str:
     """The ``vmid`` label: the Proxmox VMID, else QEMU's ``-uuid``, else ``pid-<PID>``."""
     return str(vm.get("vmid") or vm.get("uuid") or f"pid-{vm['pid']}")
 
@@ -61,17 +61,17 @@ def _samples(result: HostResult) -> list[tuple[str, str, int]]:
     samples += [
         ("ksm_guard_pages_sharing", on, audit["pages_sharing"]),
         ("ksm_guard_saved_bytes", on, audit["saved_bytes"]),
-        ("ksm_guard_compliant", on, int(audit["verdict"] in OK_VERDICTS)),
+        ("ksm_guard_compliant", on, int(not result.verdict.exposed)),
     ]
     if audit["systemd"]:
         for unit, state in audit["units"].items():
             active = int(state["present"] and state["active"] in ("active", "activating"))
             samples.append(("ksm_guard_unit_active", _labels(host=host, unit=unit), active))
-    for vm in audit.get("vms") or []:
-        labels = _labels(host=host, vmid=vm_label(vm), name=vm.get("name") or "")
-        if vm.get("merged_bytes") is not None:
+    for vm in audit["vms"]:
+        labels = _labels(host=host, vmid=vm_label(vm), name=vm["name"] or "")
+        if vm["merged_bytes"] is not None:
             samples.append(("ksm_guard_vm_merged_bytes", labels, vm["merged_bytes"]))
-        if vm.get("allow_ksm") is not None:
+        if vm["allow_ksm"] is not None:
             samples.append(("ksm_guard_vm_restart_pending", labels, int(vm["restart_pending"])))
     return samples
 

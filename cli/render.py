@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from operations.report import human_bytes, record_unit_state
+from operations.model import Mode, Status
+from operations.report import AuditRecord, exposure_order, human_bytes, record_unit_state
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
 
+# How a status reads in the notes under the table.
+_LABELS = {
+    Status.WOULD_CHANGE: "would change",
+    Status.OK: "no change",
+    Status.NOT_REACHED: "not reached",
+}
 
-def _units(audit: dict[str, Any]) -> str:
+
+def _units(audit: AuditRecord) -> str:
     if not audit["systemd"]:
         return "no systemd"
     return " ".join(
@@ -52,11 +60,11 @@ def unmerge_figures(figures: dict[str, Any]) -> str:
 
 # How a change rollout groups its hosts, in the order of the report.
 _ROLLOUT = (
-    ("done", ("changed", "ok")),
-    ("refused", ("refused",)),
-    ("failed", ("failed",)),
-    ("not reached", ("not-reached",)),
-    ("unreachable", ("unreachable", "error")),
+    ("done", (Status.CHANGED, Status.OK)),
+    ("refused", (Status.REFUSED,)),
+    ("failed", (Status.FAILED,)),
+    ("not reached", (Status.NOT_REACHED,)),
+    ("unreachable", (Status.UNREACHABLE, Status.ERROR)),
 )
 
 
@@ -84,8 +92,6 @@ def _flag(value: bool | None) -> str:
 
 def vm_table(result: RunResult) -> list[str]:
     """One row per running VM of every host, the most exposed first; then VMs to restart."""
-    from operations.vms import exposure_order
-
     vms = [(host.host, vm) for host in result.hosts if host.audit for vm in host.audit["vms"]]
     vms.sort(key=lambda item: exposure_order(item[1]))
     header = ["HOST", "VMID", "NAME", "PID", "MERGED", "ALLOW-KSM", "RESTART PENDING"]
@@ -103,58 +109,83 @@ def vm_table(result: RunResult) -> list[str]:
     ]
     lines = _columns(rows) if vms else ["no running QEMU VMs"]
     for host in result.hosts:
-        pending = [vm["vmid"] for vm in (host.audit or {}).get("vms", []) if vm["restart_pending"]]
+        vms_of_host = host.audit["vms"] if host.audit else []
+        pending = [vm["vmid"] or str(vm["pid"]) for vm in vms_of_host if vm["restart_pending"]]
         if pending:
             lines.append(f"{host.host}: stop/start VM {', '.join(pending)} for allow-ksm to apply")
     return lines
 
 
-def table(result: RunResult, vms: bool = False) -> str:
-    """A plain-text report: one row per host, then changes and problems, then a summary line."""
-    header = [
-        "HOST",
-        "VERDICT",
-        "RUN",
-        "SHARED",
-        "SHARING",
-        "SAVED",
-        "UNMERGE NEED / AVAIL",
-        "UNITS",
-    ]
-    lines = _columns([header] + [_row(h) for h in result.hosts])
-    if vms or result.mode == "vm-optout":
-        lines += ["", *vm_table(result)]
-
+def _notes(result: RunResult) -> list[str]:
+    """Per host: what changes (or would), why it was refused or failed, the unmerge figures."""
     notes = []
     for host in result.hosts:
-        if result.mode != "audit":
-            label = {
-                "would-change": "would change",
-                "ok": "no change",
-                "not-reached": "not reached",
-            }.get(host.status, host.status)
-            notes.append(f"{host.host}: {label}")
-            notes.extend(f"  {change}" for change in host.changes)
-            if host.unmerge:
-                notes.append(f"  {unmerge_figures(host.unmerge)}")
+        if result.mode is Mode.AUDIT:
+            if host.detail:
+                notes.append(f"{host.host}: {host.detail}")
+            continue
+        notes.append(f"{host.host}: {_LABELS.get(host.status, host.status.value)}")
+        notes.extend(f"  {change}" for change in host.changes)
+        if host.unmerge:
+            notes.append(f"  {unmerge_figures(host.unmerge)}")
         if host.detail:
-            notes.append(
-                f"{host.host}: {host.detail}" if result.mode == "audit" else f"  {host.detail}"
-            )
-    if notes:
-        lines.append("")
-        lines.extend(notes)
+            notes.append(f"  {host.detail}")
+    return notes
 
-    if result.mode != "audit" and not result.dry_run:
-        lines.append("")
-        lines.append(rollout_line(result))
 
+def _summary(result: RunResult) -> str:
     counts = result.summary()
     what = ", ".join(f"{count} {verdict}" for verdict, count in sorted(counts.items()))
-    prefix = "dry run, nothing changed; " if result.dry_run else ""
-    lines.append("")
-    lines.append(f"{prefix}{len(result.hosts)} host(s): {what}; exit {result.exit_code}")
-    return "\n".join(lines)
+    return f"{len(result.hosts)} host(s): {what}; exit {result.exit_code}"
+
+
+def _report(result: RunResult, vms: bool) -> list[str]:
+    header = ["HOST", "VERDICT", "RUN", "SHARED", "SHARING", "SAVED", "UNMERGE NEED / AVAIL"]
+    lines = _columns([[*header, "UNITS"]] + [_row(h) for h in result.hosts])
+    if vms or result.mode is Mode.VM_OPTOUT:
+        lines += ["", *vm_table(result)]
+    notes = _notes(result)
+    return [*lines, "", *notes] if notes else lines
+
+
+def table(result: RunResult, vms: bool = False) -> str:
+    """A plain-text report: one row per host, then changes and problems, then a summary line."""
+    lines = _report(result, vms)
+    if result.declined:
+        footer = f"declined, nothing changed; {_summary(result)}"
+    elif result.dry_run:
+        footer = f"dry run, nothing changed; {_summary(result)}"
+    else:
+        if result.mode is not Mode.AUDIT:
+            lines += ["", rollout_line(result)]
+        footer = _summary(result)
+    return "\n".join([*lines, "", footer])
+
+
+def plan_text(result: RunResult) -> str:
+    """What the confirmation prompt shows: the current verdicts and the plan, host by host."""
+    lines = _report(result, vms=False)
+    counts = {status: 0 for status in (Status.WOULD_CHANGE, Status.REFUSED, Status.OK)}
+    for host in result.hosts:
+        if host.status in counts:
+            counts[host.status] += 1
+    unread = len(result.hosts) - sum(counts.values())
+    parts = [
+        f"{counts[Status.WOULD_CHANGE]} would change",
+        f"{counts[Status.REFUSED]} refused",
+        f"{counts[Status.OK]} no change",
+        *([f"{unread} unreachable or unreadable"] if unread else []),
+    ]
+    return "\n".join(
+        [*lines, "", f"plan for {result.mode}: {', '.join(parts)}; nothing changed yet"]
+    )
+
+
+def _refusal(host: HostResult) -> dict[str, Any] | None:
+    if host.refusal is None:
+        return None
+    refusal = host.refusal
+    return {"code": refusal.code, "reason": refusal.reason, "figures": dict(refusal.figures)}
 
 
 def as_json(result: RunResult) -> str:
@@ -165,6 +196,7 @@ def as_json(result: RunResult) -> str:
         "schema_version": SCHEMA_VERSION,
         "mode": result.mode,
         "dry_run": result.dry_run,
+        "declined": result.declined,
         "exit_code": result.exit_code,
         "summary": result.summary(),
         "hosts": [
@@ -174,6 +206,7 @@ def as_json(result: RunResult) -> str:
                 "status": host.status,
                 "detail": host.detail,
                 "changes": host.changes,
+                "refusal": _refusal(host),
                 "unmerge": host.unmerge,
                 "audit": host.audit,
             }

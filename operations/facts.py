@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import get_args
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .model import (
+    KSM_DIR,
+    PERSIST_LINE,
+    PERSIST_PATH,
+    RUN_PATH,
+    UNITS,
+    HostState,
+    Ksm,
+    Persist,
+    Unit,
+)
 from .vms import VMS_COMMAND, parse_qemu_server, parse_vms
 
-KSM_DIR = "/sys/kernel/mm/ksm"
-RUN_PATH = f"{KSM_DIR}/run"
-UNITS = ("ksmtuned.service", "ksm.service")
-PERSIST_PATH = "/etc/tmpfiles.d/ksm-guard.conf"
-PERSIST_LINE = f"w {RUN_PATH} - - - - 0"
+__all__ = ["KSM_DIR", "KSM_HOST_COMMAND", "PERSIST_PATH", "RUN_PATH", "UNITS", "KsmHost"]
 
 # Files under /sys/kernel/mm/ksm that hold something other than an integer.
 _TEXT_FILES = {"advisor_mode"}
@@ -64,7 +71,7 @@ def _parse_int(text: str, line: str, why: str) -> int:
         raise _fail(line, why) from None
 
 
-def _parse_ksm_line(line: str, ksm: dict[str, Any]) -> None:
+def _parse_ksm_line(line: str, ksm: Ksm) -> None:
     prefix = f"{KSM_DIR}/"
     if not line.startswith(prefix) or ":" not in line:
         raise _fail(line, "a KSM sysfs line")
@@ -102,17 +109,17 @@ def _parse_unit_line(line: str, units: dict[str, dict[str, str]], current: list[
     units[current[0]][field] = value
 
 
-def parse_ksm_host(output: list[str]) -> dict[str, Any]:
+def parse_ksm_host(output: list[str]) -> HostState:
     """Turn the output of ``KSM_HOST_COMMAND`` into the plain dict ``KsmHost`` returns."""
     meta: dict[str, int] = {}
     qemu_server: list[str | None] = []
     vm_lines: list[str] = []
     meminfo: dict[str, int] = {}
-    ksm: dict[str, Any] | None = {}
+    ksm: Ksm | None = {}
     units: dict[str, dict[str, str]] = {}
     current_unit: list[str] = []
     systemd = True
-    persist: str | None = None
+    persist: Persist | None = None
     section: str | None = None
     seen: list[str] = []
 
@@ -152,9 +159,10 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
             else:
                 _parse_unit_line(line, units, current_unit)
         elif section == "persist":
-            if persist is not None or line not in ("present", "absent", "modified"):
+            states: tuple[Persist, ...] = get_args(Persist)
+            if persist is not None or line not in states:
                 raise _fail(line, "the persistence state")
-            persist = line
+            persist = states[states.index(line)]
         elif section == "vms":
             vm_lines.append(line)
         else:
@@ -170,10 +178,15 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
     if ksm is not None and "run" not in ksm:
         raise FactProcessError(f"ksm-guard fact output has no {RUN_PATH}")
     vms, pve_configs = parse_vms(vm_lines, meta["pagesize"])
-    for unit in units.values():
-        unit.setdefault("unit_file", "")
+    typed_units: dict[str, Unit] = {}
+    for name, unit in units.items():
         if "load" not in unit or "active" not in unit:
             raise FactProcessError("ksm-guard fact output has an incomplete unit block")
+        typed_units[name] = {
+            "load": unit["load"],
+            "active": unit["active"],
+            "unit_file": unit.get("unit_file", ""),
+        }
 
     return {
         "uid": meta["uid"],
@@ -182,15 +195,15 @@ def parse_ksm_host(output: list[str]) -> dict[str, Any]:
         "mem_available": meminfo["MemAvailable"],
         "ksm": ksm,
         "systemd": systemd,
-        "units": units,
-        "persist": persist or "absent",
+        "units": typed_units,
+        "persist": "absent" if persist is None else persist,
         "qemu_server": qemu_server[0],
         "vms": vms,
         "pve_configs": pve_configs,
     }
 
 
-class KsmHost(FactBase[dict]):
+class KsmHost(FactBase[HostState]):
     """
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
     units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
@@ -224,5 +237,5 @@ class KsmHost(FactBase[dict]):
     def command(self) -> str:
         return KSM_HOST_COMMAND
 
-    def process(self, output: list[str]) -> dict[str, Any]:
+    def process(self, output: list[str]) -> HostState:
         return parse_ksm_host(output)

@@ -1,76 +1,72 @@
-"""Operations that switch KSM off (and back on) on a host: units, ``run``, boot persistence."""
+"""Operations that switch KSM off (and back on) on a host: thin adapters over ``plan``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Generator, Mapping
+from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.context import ctx_host
 
-from .facts import KSM_DIR, PERSIST_LINE, PERSIST_PATH, RUN_PATH, UNITS, KsmHost
-from .report import (
-    DEFAULT_MAX_FRACTION,
-    audit_line,
-    audit_record,
-    human_bytes,
-    merged_page_count,
-    unit_active,
-    unit_enabled,
-    unit_label,
-    unit_present,
-    unmerge_allowed_bytes,
-    unmerge_need_bytes,
-)
+from . import plan as planner
+from .facts import KsmHost
+from .model import DEFAULT_MAX_FRACTION, HostState, Mode, Options
+from .report import audit_line, audit_record
 
-# The first word of the line the unmerge script prints when it is done.
-UNMERGE_MARK = "ksm-guard-unmerged"
+_STATE_KEYS = tuple(HostState.__required_keys__ | HostState.__optional_keys__)
 
-# The unmerge runs detached from the SSH session: a dropped connection (SIGHUP) must not
-# interrupt the synchronous write, and the counters prove the result afterwards.
-UNMERGE_SCRIPT = f"""\
-f="$1"
-if [ "$(cat "$f/run")" = 2 ]; then echo 0 > "$f/run" || exit 1; fi
-pages=$(( $(cat "$f/pages_sharing") + $(cat "$f/ksm_zero_pages" 2>/dev/null || echo 0) ))
-start=$(date +%s%N)
-if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
-  systemd-run --quiet --wait --collect --service-type=oneshot \
-    --description='ksm-guard unmerge' sh -c 'echo 2 > "$1"' ksm-guard-unmerge "$f/run"
-else
-  setsid -w sh -c 'trap "" HUP; echo 2 > "$1"' ksm-guard-unmerge "$f/run" </dev/null
-fi
-rc=$?
-ms=$(( ($(date +%s%N) - start) / 1000000 ))
-shared=$(cat "$f/pages_shared"); sharing=$(cat "$f/pages_sharing")
-if [ "$shared" != 0 ] || [ "$sharing" != 0 ]; then
-  echo "unmerge incomplete: pages_shared=$shared pages_sharing=$sharing remain" \
-    "(writer exit $rc); run unmerge again" >&2
-  exit 1
-fi
-echo "{UNMERGE_MARK} pages=$pages page_size=$(getconf PAGESIZE) ms=$ms"
-"""
+# Reads of the KsmHost fact, per pyinfra State, by (host, executing). pyinfra does not cache
+# facts. While a run is prepared nothing changes on a host, so the operations of one mode share
+# a single read; while executing, a read stays good until an operation has run commands.
+_reads: WeakKeyDictionary[Any, dict[tuple[Any, bool], HostState]] = WeakKeyDictionary()
+# The reason each refused host was given, per pyinfra State: the engine reports it.
+_refusals: WeakKeyDictionary[Any, dict[Any, str]] = WeakKeyDictionary()
+
+
+def _key() -> tuple[Any, bool]:
+    # ctx_host.get() is the Host itself: the ``host`` proxy hashes as whichever host is current.
+    return ctx_host.get(), bool(host.state.is_executing)
+
+
+def host_state() -> HostState | None:
+    """The current host's KSM state, or None (after a noop) when it could not be read."""
+    reads = _reads.setdefault(host.state, {})
+    key = _key()
+    if key in reads:
+        return reads[key]
+    fact = host.get_fact(KsmHost)
+    if fact is None:
+        host.noop("KSM state could not be read")
+        return None
+    # A copy by key: pyinfra-testing hands operations a wrapper, pyinfra the parsed dict.
+    source = cast(Mapping[str, Any], fact)
+    copied = {name: source[name] for name in _STATE_KEYS if name in source}
+    state = cast(HostState, copied)
+    reads[key] = state
+    return state
+
+
+def remember_state(state: HostState) -> None:
+    """Use ``state`` as the current host's read for the rest of this phase."""
+    _reads.setdefault(host.state, {})[_key()] = state
+
+
+def forget_state() -> None:
+    """The current host changed: the next operation reads its state afresh."""
+    _reads.setdefault(host.state, {}).pop(_key(), None)
 
 
 def log_change(text: str) -> None:
-    """Log one from-to line of an operation's diff, so that dry runs show it."""
-    logger.info(
-        f"{host.print_prefix}{text}",
-        extra={
-            "ksm_guard_host": host.name,
-            "ksm_guard_change": text,
-            "ksm_guard_executing": host.state.is_executing,
-        },
-    )
+    """Log one from → to line of an operation's diff, so that dry runs show it."""
+    logger.info(f"{host.print_prefix}{text}")
 
 
 def refuse(state: Any, host: Any, message: str) -> bool:
-    """Fail this host with ``message`` without running anything on it."""
-    logger.error(
-        f"{host.print_prefix}{message}",
-        extra={"ksm_guard_host": host.name, "ksm_guard_refusal": message},
-    )
+    """Fail ``host`` with ``message`` without running anything on it."""
+    _refusals.setdefault(state, {})[host] = message
+    logger.error(f"{host.print_prefix}{message}")
     return False
 
 
@@ -79,57 +75,33 @@ def refusal_command(message: str) -> FunctionCommand:
     return FunctionCommand(refuse, (message,), {})
 
 
-def needs_root(fact: dict[str, Any]) -> FunctionCommand | None:
-    if fact["uid"] == 0:
-        return None
-    return refusal_command(
-        f"permission denied: connected as uid {fact['uid']}; changing KSM needs root "
-        "(use --sudo or _sudo=True)"
-    )
+def refusal_of(state: Any, host: Any) -> str | None:
+    """The reason ``host`` was refused while ``state`` executed, if it was."""
+    return _refusals.get(state, {}).get(host)
 
 
-# pyinfra does not cache facts. While a run is being prepared nothing changes on the host, so
-# the operations of one mode share a single read; while executing, every operation reads afresh.
-_prepared: WeakKeyDictionary[Any, dict[str, Any]] = WeakKeyDictionary()
+def pyinfra_command(command: planner.Command) -> StringCommand:
+    """A planned command as pyinfra runs it: every word quoted."""
+    words: list[Any] = [QuoteString(word) for word in command.argv]
+    if command.stdout_to is not None:
+        words += [">", QuoteString(command.stdout_to)]
+    return StringCommand(*words)
 
 
-def host_state() -> dict[str, Any] | None:
-    """The KsmHost fact, or None (after a noop) when it could not be read: the host has failed."""
-    current = ctx_host.get()  # the Host itself: the ``host`` proxy hashes as whichever is current
-    preparing = not host.state.is_executing
-    if preparing and current in _prepared:
-        return _prepared[current]
-    fact = host.get_fact(KsmHost)
-    if fact is None:
-        host.noop("KSM state could not be read")
-    elif preparing:
-        _prepared[current] = fact
-    return fact
-
-
-UnitPlan = Callable[[dict[str, str]], tuple[list[str], str]]
-
-
-def _drive_units(
-    fact: dict[str, Any], order: tuple[str, ...], plan: UnitPlan, settled: str
-) -> Generator[Any, None, None]:
-    """Run ``plan`` over the installed units: log each diff, then yield systemctl commands."""
-    commands: list[StringCommand] = []
-    for name in order:
-        unit = fact["units"].get(name)
-        if unit is None or not unit_present(unit):
-            continue
-        actions, after = plan(unit)
-        if actions:
-            log_change(f"{name}: {unit_label(unit)} → {after}")
-            commands.extend(StringCommand("systemctl", a, QuoteString(name)) for a in actions)
-
-    if not commands:
-        states = ", ".join(f"{name} {unit_label(fact['units'].get(name))}" for name in UNITS)
-        host.noop(f"{settled}: {states}")
+def apply(part: planner.PartPlan) -> Generator[Any, None, None]:
+    """Log a part's diff, then yield its commands, its refusal, or a noop with its state."""
+    for step in part.steps:
+        log_change(step.change)
+    if part.refusal is not None:
+        yield refusal_command(part.refusal.reason)
         return
-    refusal = needs_root(fact)
-    yield from [refusal] if refusal else commands
+    if not part.steps:
+        host.noop(part.noop or "nothing to do")
+        return
+    for step in part.steps:
+        for command in step.commands:
+            yield pyinfra_command(command)
+    forget_state()  # reached only when executing, after the commands ran
 
 
 @operation()
@@ -143,24 +115,9 @@ def services_disabled(mask: bool = False) -> Generator[Any, None, None]:
 
         ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=True)
     """
-    fact = host_state()
-    if fact is None:
-        return
-    if not fact["systemd"]:
-        host.noop("systemd is not running: no KSM units to switch off")
-        return
-
-    def plan(unit: dict[str, str]) -> tuple[list[str], str]:
-        actions = [
-            *(["stop"] if unit_active(unit) else []),
-            *(["disable"] if unit_enabled(unit) else []),
-            *(["mask"] if mask and unit["unit_file"] != "masked" else []),
-        ]
-        after_file = "masked" if mask else ("disabled" if unit_enabled(unit) else unit["unit_file"])
-        after_active = "inactive" if unit_active(unit) else unit["active"]
-        return actions, f"{after_file}/{after_active}"
-
-    yield from _drive_units(fact, UNITS, plan, "KSM units are off")
+    state = host_state()
+    if state is not None:
+        yield from apply(planner.units_off(state, mask))
 
 
 @operation()
@@ -172,23 +129,9 @@ def merging_stopped() -> Generator[Any, None, None]:
 
         ksm.merging_stopped(name="Stop KSM merging")
     """
-    fact = host_state()
-    if fact is None:
-        return
-    ksm = fact["ksm"]
-    if ksm is None:
-        host.noop(f"kernel has no KSM ({KSM_DIR} is absent)")
-        return
-    if ksm["run"] != 1:
-        host.noop(f"KSM merging is stopped (run={ksm['run']})")
-        return
-
-    log_change("run: 1 → 0")
-    refusal = needs_root(fact)
-    if refusal:
-        yield refusal
-        return
-    yield StringCommand("echo", QuoteString("0"), ">", QuoteString(RUN_PATH))
+    state = host_state()
+    if state is not None:
+        yield from apply(planner.merging_stopped(state))
 
 
 @operation()
@@ -202,31 +145,9 @@ def boot_persisted(present: bool = True) -> Generator[Any, None, None]:
 
         ksm.boot_persisted(name="Keep KSM off at boot", present=True)
     """
-    fact = host_state()
-    if fact is None:
-        return
-    if not fact["systemd"]:
-        host.noop("systemd is not running: boot persistence is not managed")
-        return
-    if present and fact["ksm"] is None:
-        host.noop(f"kernel has no KSM ({KSM_DIR} is absent): nothing to persist")
-        return
-    wanted = "present" if present else "absent"
-    if fact["persist"] == wanted:
-        host.noop(f"boot persistence file {PERSIST_PATH} is {wanted}")
-        return
-
-    log_change(f"{PERSIST_PATH}: {fact['persist']} → {wanted}")
-    refusal = needs_root(fact)
-    if refusal:
-        yield refusal
-        return
-    if present:
-        yield StringCommand("mkdir", "-p", QuoteString("/etc/tmpfiles.d"))
-        line, path = QuoteString(PERSIST_LINE), QuoteString(PERSIST_PATH)
-        yield StringCommand("printf", QuoteString("%s\\n"), line, ">", path)
-    else:
-        yield StringCommand("rm", "-f", QuoteString(PERSIST_PATH))
+    state = host_state()
+    if state is not None:
+        yield from apply(planner.boot_persisted(state, present))
 
 
 @operation()
@@ -243,37 +164,9 @@ def unmerged(
 
         ksm.unmerged(name="Unmerge KSM pages", max_fraction=0.5)
     """
-    fact = host_state()
-    if fact is None:
-        return
-    ksm = fact["ksm"]
-    if ksm is None:
-        host.noop(f"kernel has no KSM ({KSM_DIR} is absent)")
-        return
-    if not merged_page_count(ksm):
-        host.noop(f"no merged pages (pages_shared=0, pages_sharing=0, run={ksm['run']})")
-        return
-
-    need = unmerge_need_bytes(fact)
-    available = fact["mem_available"]
-    allowed = unmerge_allowed_bytes(fact, max_fraction)
-    log_change(
-        f"pages_sharing: {ksm.get('pages_sharing', 0)} → 0 "
-        f"(~{human_bytes(need)} to unmerge, {human_bytes(available)} available)"
-    )
-    refusal = needs_root(fact)
-    if refusal:
-        yield refusal
-        return
-    if need > allowed and not force:
-        yield refusal_command(
-            f"unsafe unmerge refused: needs {human_bytes(need)} ({need} bytes), more than "
-            f"{max_fraction * 100:g}% of MemAvailable {human_bytes(available)} "
-            f"({available} bytes); free memory, raise the limit (--max-fraction) or force it "
-            "(--force)"
-        )
-        return
-    yield StringCommand("sh", "-c", QuoteString(UNMERGE_SCRIPT), "ksm-guard", QuoteString(KSM_DIR))
+    state = host_state()
+    if state is not None:
+        yield from apply(planner.unmerged(state, max_fraction, force))
 
 
 @operation()
@@ -285,38 +178,41 @@ def services_enabled() -> Generator[Any, None, None]:
 
         ksm.services_enabled(name="Switch ksmtuned back on")
     """
-    fact = host_state()
-    if fact is None:
-        return
-    if not fact["systemd"]:
-        host.noop("systemd is not running: no KSM units to switch on")
-        return
-
-    def plan(unit: dict[str, str]) -> tuple[list[str], str]:
-        masked = unit["unit_file"] == "masked"
-        actions = [
-            *(["unmask"] if masked else []),
-            *(["enable"] if masked or not unit_enabled(unit) else []),
-            *(["start"] if not unit_active(unit) else []),
-        ]
-        return actions, "enabled/active"
-
-    # ksmtuned requires ksm.service on Debian: bring that one up first.
-    yield from _drive_units(fact, UNITS[::-1], plan, "KSM units are on or not installed")
+    state = host_state()
+    if state is not None:
+        yield from apply(planner.units_on(state))
 
 
 @operation()
-def rejected(reason: str) -> Generator[Any, None, None]:
+def preflight(
+    mode: str,
+    mask: bool = False,
+    force: bool = False,
+    max_fraction: float = DEFAULT_MAX_FRACTION,
+    vmids: list[int] | None = None,
+) -> Generator[Any, None, None]:
     """
-    Fail the host without touching it: its ksm-guard settings are wrong.
+    Fail the host before anything changes on it when the plan of ``mode`` refuses it.
 
-    + reason: what is wrong, shown as the host's error
+    Run first: when executing it reads the host afresh, so a host whose memory shrank since the
+    plan was shown is refused as a whole, not after its units were already switched off.
+
+    + mode: the ksm-guard mode whose plan is checked (``disable``, ``unmerge``, ...)
+    + mask, force, max_fraction, vmids: that mode's options
 
     .. code:: python
 
-        ksm.rejected(name="Check ksm-guard settings", reason="unknown ksm_mode 'disabel'")
+        ksm.preflight(name="Check the unmerge plan", mode="unmerge", max_fraction=0.5)
     """
-    yield refusal_command(reason)
+    state = host_state()
+    if state is None:
+        return
+    options = Options(mask, force, max_fraction, tuple(vmids or ()))
+    host_plan = planner.plan(state, Mode(mode), options)
+    if host_plan.refusal is not None:
+        yield refusal_command(host_plan.refusal.reason)
+        return
+    host.noop(f"{mode} plan: {len(host_plan.steps)} change(s), nothing refused")
 
 
 @operation()
@@ -330,10 +226,10 @@ def audited(max_fraction: float = DEFAULT_MAX_FRACTION) -> Generator[Any, None, 
 
         ksm.audited(name="Audit KSM")
     """
-    fact = host_state()
-    if fact is None:
+    state = host_state()
+    if state is None:
         return
-    record = audit_record(fact, max_fraction)
+    record = audit_record(state, max_fraction)
     logger.info(f"{host.print_prefix}KSM {audit_line(record)}")
     host.noop(f"KSM verdict is {record['verdict']}")
     yield from ()

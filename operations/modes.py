@@ -1,125 +1,88 @@
-"""The ksm-guard modes, each defined once: ``deploy.py`` and the CLI both run these."""
+"""
+The ksm-guard modes, each defined once: ``deploy.py`` and the CLI both run ``run_from_host_data``.
+
+Per host it reads the KSM state once, plans the mode (``operations.plan``), and either fails the
+host with the plan's refusal before any operation is added (so ``pyinfra --dry`` fails it too),
+or adds the mode's operations: a preflight that re-checks the plan on a fresh read when
+executing, then one operation per part of the plan.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from pyinfra import host
+from pyinfra import host, logger
+from pyinfra.context import ctx_host
 
 from . import ksm, pve
-from .report import DEFAULT_MAX_FRACTION
+from .model import Mode, Options, SettingsError, settings_from_data
+from .plan import HostPlan, RefusalCode, plan, refused
 
-MODES = ("audit", "disable", "unmerge", "enable", "vm-optout")
-CHANGING_MODES = ("disable", "unmerge", "enable", "vm-optout")
+MODES = tuple(mode.value for mode in Mode)
+UNMERGE_OPERATION = "Unmerge KSM pages (run=2)"
 
-
-@dataclass(frozen=True)
-class Options:
-    """From host data: ``ksm_mask``, ``ksm_force``, ``ksm_max_fraction``, ``ksm_vmids``."""
-
-    mask: bool = False
-    force: bool = False
-    max_fraction: float = DEFAULT_MAX_FRACTION
-    vmids: tuple[int, ...] = ()
+# The plan each host was prepared with, per pyinfra State: the engine reports it.
+_plans: WeakKeyDictionary[Any, dict[Any, HostPlan]] = WeakKeyDictionary()
 
 
-def _flag(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{key} must be true or false, not {value!r}")
+def planned(state: Any, for_host: Any) -> HostPlan | None:
+    """The plan ``for_host`` was prepared with in ``state`` (None: its state was unreadable)."""
+    return _plans.get(state, {}).get(for_host)
 
 
-def _fraction(value: Any) -> float:
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        fraction = -1.0
-    if not 0 < fraction <= 1:
-        raise ValueError(f"ksm_max_fraction must be a number in (0, 1], not {value!r}")
-    return fraction
-
-
-def _vmids(value: Any) -> tuple[int, ...]:
-    """VMIDs from a list or a comma-separated string (``--data ksm_vmids=100,101``)."""
-    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
-    try:
-        vmids = tuple(int(str(item).strip()) for item in items)
-    except ValueError:
-        vmids = (0,)
-    if any(not 100 <= vmid <= 999_999_999 for vmid in vmids):
-        raise ValueError(f"ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not {value!r}")
-    return vmids
-
-
-def options_from_data(data: Any) -> Options:
-    """Read the options from pyinfra host data; ``ValueError`` names a bad value."""
-    return Options(
-        mask=_flag("ksm_mask", data.get("ksm_mask", False)),
-        force=_flag("ksm_force", data.get("ksm_force", False)),
-        max_fraction=_fraction(data.get("ksm_max_fraction", DEFAULT_MAX_FRACTION)),
-        vmids=_vmids(data.get("ksm_vmids", ())),
+def _add_operations(mode: Mode, options: Options) -> None:
+    """The operations of ``mode``: one place per mode, in the order they run."""
+    if mode is Mode.AUDIT:
+        ksm.audited(name="Audit KSM", max_fraction=options.max_fraction)
+        return
+    ksm.preflight(
+        name=f"Check the {mode} plan",
+        mode=mode.value,
+        mask=options.mask,
+        force=options.force,
+        max_fraction=options.max_fraction,
+        vmids=list(options.vmids),
     )
+    if mode in (Mode.DISABLE, Mode.UNMERGE):
+        ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=options.mask)
+        ksm.merging_stopped(name="Stop KSM merging (run=0)")
+        ksm.boot_persisted(name="Keep KSM off at boot", present=True)
+    if mode is Mode.UNMERGE:
+        ksm.unmerged(name=UNMERGE_OPERATION, max_fraction=options.max_fraction, force=options.force)
+    if mode is Mode.ENABLE:
+        ksm.services_enabled(name="Switch ksmtuned back on")
+        ksm.boot_persisted(name="Drop the KSM boot persistence", present=False)
+    if mode is Mode.VM_OPTOUT:
+        pve.vms_opted_out(
+            name="Opt Proxmox VE VMs out of KSM (allow-ksm 0)", vmids=list(options.vmids)
+        )
 
 
-def audit(options: Options) -> None:
-    """Report the verdict; change nothing."""
-    ksm.audited(name="Audit KSM", max_fraction=options.max_fraction)
-
-
-def disable(options: Options) -> None:
-    """Switch the units off, stop merging, and keep it off at boot."""
-    ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=options.mask)
-    ksm.merging_stopped(name="Stop KSM merging (run=0)")
-    ksm.boot_persisted(name="Keep KSM off at boot", present=True)
-
-
-def unmerge(options: Options) -> None:
-    """Everything ``disable`` does, then unmerge the merged pages (``run=2``)."""
-    disable(options)
-    ksm.unmerged(
-        name="Unmerge KSM pages (run=2)", max_fraction=options.max_fraction, force=options.force
-    )
-
-
-def enable(options: Options) -> None:
-    """Roll back: units on again, boot persistence removed."""
-    ksm.services_enabled(name="Switch ksmtuned back on")
-    ksm.boot_persisted(name="Drop the KSM boot persistence", present=False)
-
-
-def vm_optout(options: Options) -> None:
-    """Proxmox VE: allow-ksm 0 on the VMs (all, or ``ksm_vmids``); no VM is restarted."""
-    pve.vms_opted_out(name="Opt Proxmox VE VMs out of KSM (allow-ksm 0)", vmids=list(options.vmids))
-
-
-RUNNERS = {
-    "audit": audit,
-    "disable": disable,
-    "unmerge": unmerge,
-    "enable": enable,
-    "vm-optout": vm_optout,
-}
+def _refuse_now(host_plan: HostPlan) -> None:
+    """Fail the current host with the plan's refusal while preparing: nothing will run on it."""
+    assert host_plan.refusal is not None
+    logger.error(f"{host.print_prefix}{host_plan.refusal.reason}")
+    host.state.fail_hosts({ctx_host.get()})
 
 
 def run_from_host_data() -> None:
-    """Run, on the current host, the mode its data names in ``ksm_mode`` (default: audit)."""
-    mode = str(host.data.get("ksm_mode", "audit"))
-    runner = RUNNERS.get(mode)
-    if runner is None:
-        ksm.rejected(
-            name="Check ksm-guard settings",
-            reason=f"unknown ksm_mode {mode!r}: choose one of {', '.join(MODES)}",
-        )
-        return
+    """Plan and add, on the current host, the mode its data names (``ksm_mode``; audit)."""
+    plans = _plans.setdefault(host.state, {})
+    current = ctx_host.get()
     try:
-        options = options_from_data(host.data)
-    except ValueError as error:
-        ksm.rejected(name="Check ksm-guard settings", reason=str(error))
+        mode, options = settings_from_data(host.data)
+    except SettingsError as error:
+        raw = str(host.data.get("ksm_mode", "audit"))
+        mode = Mode(raw) if raw in MODES else Mode.AUDIT
+        plans[current] = refused(mode, Options(), RefusalCode.BAD_SETTINGS, str(error))
+        _refuse_now(plans[current])
         return
-    runner(options)
+    state = ksm.host_state()
+    if state is None:
+        return  # pyinfra failed the host already: its fact could not be read
+    plans[current] = host_plan = plan(state, mode, options)
+    if host_plan.refusal is not None:
+        _refuse_now(host_plan)
+        return
+    _add_operations(mode, options)

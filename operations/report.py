@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TypedDict
 
-from .facts import UNITS
-from .vms import exposure_order
-
-# The order is the order of severity used when several apply to one host.
-VERDICTS = (
-    "compliant",
-    "unsupported",
-    "merged-pages-remain",
-    "service-enabled",
-    "ksm-running",
-    "unreachable",
-    "error",
+from .model import (
+    ALLOW_KSM_SINCE,
+    DEFAULT_MAX_FRACTION,
+    UNITS,
+    HostState,
+    Ksm,
+    Unit,
+    Verdict,
+    Vm,
 )
-# Verdicts that count as "not exposed" for the audit exit code.
-OK_VERDICTS = ("compliant", "unsupported")
-FAILED_VERDICTS = ("unreachable", "error")
 
 ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime")
 ACTIVE_STATES = ("active", "activating", "reloading")
 
-DEFAULT_MAX_FRACTION = 0.5
+
+class UnitRecord(TypedDict):
+    present: bool
+    unit_file: str | None
+    active: str | None
+
+
+class AuditRecord(TypedDict):
+    """One host's audit, as the JSON schema documents it (``audit`` of a host)."""
+
+    verdict: Verdict
+    ksm_supported: bool
+    run: int | None
+    pages_shared: int
+    pages_sharing: int
+    ksm_zero_pages: int
+    page_size: int
+    saved_bytes: int
+    unmerge_need_bytes: int
+    mem_available_bytes: int
+    mem_total_bytes: int
+    unmerge_max_fraction: float
+    unmerge_safe: bool
+    uid: int
+    systemd: bool
+    units: dict[str, UnitRecord]
+    boot_persistence: str
+    qemu_server: str | None
+    vms: list[Vm]
 
 
 def human_bytes(count: int) -> str:
@@ -37,107 +60,134 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def unit_present(unit: dict[str, str] | None) -> bool:
+def unit_present(unit: Unit | None) -> bool:
     """A unit is present when systemd knows it, masked included."""
     return unit is not None and unit.get("load", "not-found") != "not-found"
 
 
-def unit_enabled(unit: dict[str, str] | None) -> bool:
+def unit_enabled(unit: Unit | None) -> bool:
     """The unit starts at boot."""
     return unit is not None and unit_present(unit) and unit.get("unit_file") in ENABLED_STATES
 
 
-def unit_active(unit: dict[str, str] | None) -> bool:
+def unit_active(unit: Unit | None) -> bool:
     """The unit runs now."""
     return unit is not None and unit_present(unit) and unit.get("active") in ACTIVE_STATES
 
 
-def unit_label(unit: dict[str, str] | None) -> str:
+def unit_label(unit: Unit | None) -> str:
     """``enabled/active``, ``masked/inactive`` or ``absent``."""
     if unit is None or not unit_present(unit):
         return "absent"
     return f"{unit.get('unit_file') or 'unknown'}/{unit.get('active')}"
 
 
-def merged_page_count(ksm: dict[str, Any]) -> int:
+def counter(ksm: Ksm | None, name: str) -> int:
+    """A KSM counter, 0 when this kernel has no such file (or no KSM)."""
+    value = (ksm or {}).get(name, 0)
+    return value if isinstance(value, int) else 0
+
+
+def merged_page_count(ksm: Ksm | None) -> int:
     """Pages still merged: KSM pages, their extra sharers and merged zero pages."""
-    return int(
-        ksm.get("pages_shared", 0) + ksm.get("pages_sharing", 0) + ksm.get("ksm_zero_pages", 0)
-    )
+    return sum(counter(ksm, name) for name in ("pages_shared", "pages_sharing", "ksm_zero_pages"))
 
 
-def unmerge_need_bytes(fact: dict[str, Any]) -> int:
+def unmerge_need_bytes(state: HostState) -> int:
     """Memory an unmerge must find: ``(pages_sharing + ksm_zero_pages) x page size``."""
-    ksm = fact.get("ksm") or {}
-    pages = ksm.get("pages_sharing", 0) + ksm.get("ksm_zero_pages", 0)
-    return int(pages * fact["page_size"])
+    pages = counter(state["ksm"], "pages_sharing") + counter(state["ksm"], "ksm_zero_pages")
+    return pages * state["page_size"]
 
 
-def unmerge_allowed_bytes(fact: dict[str, Any], max_fraction: float) -> int:
+def unmerge_allowed_bytes(state: HostState, max_fraction: float) -> int:
     """The most an unmerge may need: ``max_fraction`` of ``MemAvailable``."""
-    return int(fact["mem_available"] * max_fraction)
+    return int(state["mem_available"] * max_fraction)
 
 
-def verdict(fact: dict[str, Any]) -> str:
+def unmerge_safe(state: HostState, max_fraction: float) -> bool:
+    """The memory preflight of an unmerge passes (the very test ``unmerge`` refuses by)."""
+    return unmerge_need_bytes(state) <= unmerge_allowed_bytes(state, max_fraction)
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numbers of a Debian version: ``1:9.0.27+pve1`` → ``(9, 0, 27)``."""
+    upstream = version.split(":", 1)[-1]
+    match = re.match(r"\d+(?:\.\d+)*", upstream)
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def allow_ksm_supported(version: str | None) -> bool:
+    """Whether this qemu-server knows ``allow-ksm`` (Proxmox VE 9, 9.0.27 and later)."""
+    return version is not None and version_tuple(version) >= ALLOW_KSM_SINCE
+
+
+def exposure_order(vm: Vm) -> tuple[int, int, int]:
+    """Sort key: most merged bytes first, unknown last, then by VMID and pid."""
+    merged = vm.get("merged_bytes")
+    return (-(merged if merged is not None else -1), int(vm.get("vmid") or 0), vm["pid"])
+
+
+def verdict(state: HostState) -> Verdict:
     """The compliance verdict of one host's KSM picture."""
-    ksm = fact.get("ksm")
+    ksm = state.get("ksm")
     if ksm is None:
-        return "unsupported"
+        return Verdict.UNSUPPORTED
     if ksm.get("run") == 1:
-        return "ksm-running"
-    units = fact.get("units") or {}
+        return Verdict.KSM_RUNNING
+    units = state.get("units") or {}
     if any(unit_enabled(units.get(u)) or unit_active(units.get(u)) for u in UNITS):
-        return "service-enabled"
+        return Verdict.SERVICE_ENABLED
     if merged_page_count(ksm):
-        return "merged-pages-remain"
-    return "compliant"
+        return Verdict.MERGED_PAGES_REMAIN
+    return Verdict.COMPLIANT
 
 
-def audit_record(
-    fact: dict[str, Any], max_fraction: float = DEFAULT_MAX_FRACTION
-) -> dict[str, Any]:
-    """One host's audit, as the JSON schema documents it (without ``host``)."""
-    ksm = fact.get("ksm")
-    units = fact.get("units") or {}
-    need = unmerge_need_bytes(fact)
-    record: dict[str, Any] = {
-        "verdict": verdict(fact),
+def _unit_record(unit: Unit | None) -> UnitRecord:
+    if unit is None:
+        return {"present": False, "unit_file": None, "active": None}
+    return {
+        "present": unit_present(unit),
+        "unit_file": unit.get("unit_file") or None,
+        "active": unit.get("active") or None,
+    }
+
+
+def audit_record(state: HostState, max_fraction: float = DEFAULT_MAX_FRACTION) -> AuditRecord:
+    """One host's audit; ``unmerge_safe`` is judged by the host's own ``max_fraction``."""
+    ksm = state.get("ksm")
+    run = ksm.get("run") if ksm else None
+    need = unmerge_need_bytes(state)
+    return {
+        "verdict": verdict(state),
         "ksm_supported": ksm is not None,
-        "run": ksm.get("run") if ksm else None,
-        "pages_shared": ksm.get("pages_shared", 0) if ksm else 0,
-        "pages_sharing": ksm.get("pages_sharing", 0) if ksm else 0,
-        "ksm_zero_pages": ksm.get("ksm_zero_pages", 0) if ksm else 0,
-        "page_size": fact["page_size"],
+        "run": run if isinstance(run, int) else None,
+        "pages_shared": counter(ksm, "pages_shared"),
+        "pages_sharing": counter(ksm, "pages_sharing"),
+        "ksm_zero_pages": counter(ksm, "ksm_zero_pages"),
+        "page_size": state["page_size"],
         "saved_bytes": need,
         "unmerge_need_bytes": need,
-        "mem_available_bytes": fact["mem_available"],
-        "mem_total_bytes": fact["mem_total"],
-        "unmerge_safe": need <= unmerge_allowed_bytes(fact, max_fraction),
-        "uid": fact["uid"],
-        "systemd": fact["systemd"],
-        "units": {
-            name: {
-                "present": unit_present(units.get(name)),
-                "unit_file": (units.get(name) or {}).get("unit_file") or None,
-                "active": (units.get(name) or {}).get("active") or None,
-            }
-            for name in UNITS
-        },
-        "boot_persistence": fact["persist"],
-        "qemu_server": fact.get("qemu_server"),
-        "vms": sorted((dict(vm) for vm in fact.get("vms") or []), key=exposure_order),
+        "mem_available_bytes": state["mem_available"],
+        "mem_total_bytes": state["mem_total"],
+        "unmerge_max_fraction": max_fraction,
+        "unmerge_safe": unmerge_safe(state, max_fraction),
+        "uid": state["uid"],
+        "systemd": state["systemd"],
+        "units": {name: _unit_record((state.get("units") or {}).get(name)) for name in UNITS},
+        "boot_persistence": state["persist"],
+        "qemu_server": state.get("qemu_server"),
+        "vms": sorted((Vm(**vm) for vm in state.get("vms") or []), key=exposure_order),
     }
-    return record
 
 
-def record_unit_state(unit: dict[str, Any]) -> str:
+def record_unit_state(unit: UnitRecord) -> str:
     """A unit of an audit record as ``enabled/active``, ``masked/inactive`` or ``absent``."""
     return f"{unit['unit_file'] or '?'}/{unit['active']}" if unit["present"] else "absent"
 
 
-def audit_line(record: dict[str, Any]) -> str:
+def audit_line(record: AuditRecord) -> str:
     """One sentence summing up an audit record."""
-    if record["verdict"] == "unsupported":
+    if record["verdict"] == Verdict.UNSUPPORTED:
         return "unsupported: the kernel has no KSM"
     units = ", ".join(f"{name} {record_unit_state(u)}" for name, u in record["units"].items())
     return (

@@ -7,10 +7,10 @@ from typing import Any
 
 from pyinfra.api.exceptions import FactProcessError
 
+from .model import PveConfig, Vm
+
 PVE_PID_DIR = "/var/run/qemu-server"
 PVE_CONF_DIR = "/etc/pve/qemu-server"
-# Proxmox VE 9's qemu-server added the per-VM opt-out (``allow-ksm``) in this version.
-ALLOW_KSM_SINCE = (9, 0, 27)
 # A QEMU process's command name (/proc/PID/comm is cut at 15 characters: qemu-system-x86).
 QEMU_COMM = "kvm|qemu-kvm|qemu-system-.+"
 # ksm_stat fields (6.1+: ksm_rmap_items; 6.6: ksm_zero_pages; 6.7: ksm_merging_pages,
@@ -64,18 +64,6 @@ def parse_qemu_server(value: str, line: str) -> str | None:
     return version.strip()
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """The leading numbers of a Debian version: ``1:9.0.27+pve1`` → ``(9, 0, 27)``."""
-    upstream = version.split(":", 1)[-1]
-    match = re.match(r"\d+(?:\.\d+)*", upstream)
-    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
-
-
-def allow_ksm_supported(version: str | None) -> bool:
-    """Whether this qemu-server knows ``allow-ksm`` (Proxmox VE 9, 9.0.27 and later)."""
-    return version is not None and version_tuple(version) >= ALLOW_KSM_SINCE
-
-
 def _bool(text: str, line: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "on", "yes", "true"):
@@ -85,7 +73,7 @@ def _bool(text: str, line: str) -> bool:
     raise _fail(line, "a Proxmox VE boolean")
 
 
-def parse_pve_config(lines: list[str]) -> dict[str, Any]:
+def parse_pve_config(lines: list[str]) -> PveConfig:
     """
     The ``name`` and ``allow-ksm`` of one VM config's lines (``key: value`` and ``[section]``).
 
@@ -165,7 +153,7 @@ def parse_ksm_stat(lines: list[str]) -> dict[str, Any]:
     return stat
 
 
-def parse_vms(lines: list[str], page_size: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def parse_vms(lines: list[str], page_size: int) -> tuple[list[Vm], dict[str, PveConfig]]:
     """
     The ``## vms`` lines: the running QEMU processes, and the Proxmox VE configs by VMID.
 
@@ -202,7 +190,7 @@ def parse_vms(lines: list[str], page_size: int) -> tuple[list[dict[str, Any]], d
     configs = {
         vmid: parse_pve_config(text) for vmid, text in sorted(conf_lines.items(), key=_by_id)
     }
-    vms = []
+    vms: list[Vm] = []
     for pid, proc in sorted(procs.items()):
         if proc["comm"] is None:
             raise FactProcessError(f"ksm-guard fact output has VM data without a comm: pid {pid}")
@@ -219,7 +207,7 @@ def parse_vms(lines: list[str], page_size: int) -> tuple[list[dict[str, Any]], d
             {
                 "pid": pid,
                 "vmid": vmid,
-                "name": (config or {}).get("name") or cmdline["name"],
+                "name": (config["name"] if config else None) or cmdline["name"],
                 "uuid": cmdline["uuid"],
                 "merged_pages": merging,
                 "merged_bytes": None if merging is None else merging * page_size,
@@ -234,9 +222,3 @@ def parse_vms(lines: list[str], page_size: int) -> tuple[list[dict[str, Any]], d
 
 def _by_id(item: tuple[str, Any]) -> int:
     return int(item[0])
-
-
-def exposure_order(vm: dict[str, Any]) -> tuple[int, int, int]:
-    """Sort key: most merged bytes first, unknown last, then by VMID and pid."""
-    merged = vm.get("merged_bytes")
-    return (-(merged if merged is not None else -1), int(vm.get("vmid") or 0), vm["pid"])

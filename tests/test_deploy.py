@@ -24,11 +24,12 @@ def pyinfra(*args: str) -> subprocess.CompletedProcess[str]:
     ("mode", "operations"),
     [
         ("audit", ["Audit KSM"]),
-        ("disable", ["Switch off ksmtuned and ksm.service", "Stop KSM merging (run=0)",
-                     "Keep KSM off at boot"]),
-        ("unmerge", ["Stop KSM merging (run=0)", "Unmerge KSM pages (run=2)"]),
-        ("enable", ["Switch ksmtuned back on", "Drop the KSM boot persistence"]),
-        ("vm-optout", ["Opt Proxmox VE VMs out of KSM (allow-ksm 0)"]),
+        ("disable", ["Check the disable plan", "Switch off ksmtuned and ksm.service",
+                     "Stop KSM merging (run=0)", "Keep KSM off at boot"]),
+        ("unmerge", ["Check the unmerge plan", "Stop KSM merging (run=0)",
+                     "Unmerge KSM pages (run=2)"]),
+        ("enable", ["Check the enable plan", "Switch ksmtuned back on",
+                    "Drop the KSM boot persistence"]),
     ],
 )  # fmt: skip
 def test_dry_run_lists_the_mode_operations(mode: str, operations: list[str]) -> None:
@@ -46,33 +47,38 @@ def test_dry_run_json_is_a_plan() -> None:
     assert json.loads(result.stdout)
 
 
-def test_unknown_mode_fails_the_host_with_a_clear_message() -> None:
-    """A misspelt ksm_mode fails the host (exit 1) and names the valid modes."""
-    result = pyinfra("-y", "--data", "ksm_mode=disabel")
-    assert result.returncode == 1
-    assert "unknown ksm_mode 'disabel': choose one of audit, disable, unmerge, enable" in (
-        result.stderr + result.stdout
-    )
+# Each refusal, with the line that says why. The host is failed while the deploy is prepared,
+# before any operation is added: ``--dry`` fails it exactly as the real run (-y) does.
+REFUSALS = {
+    "unknown mode": (
+        ["--data", "ksm_mode=disabel"],
+        "unknown ksm_mode 'disabel': choose one of audit, disable, unmerge, enable, vm-optout",
+    ),
+    "bad max fraction": (
+        ["--data", "ksm_mode=unmerge", "--data", "ksm_max_fraction=7"],
+        "ksm_max_fraction must be a number in (0, 1], not 7",
+    ),
+    "bad flag": (
+        ["--data", "ksm_mode=disable", "--data", "ksm_mask=maybe"],
+        "ksm_mask must be true or false, not 'maybe'",
+    ),
+    "vm-optout off Proxmox VE": (
+        ["--data", "ksm_mode=vm-optout"],
+        "vm-optout not supported: not a Proxmox VE host (qemu-server is not installed)",
+    ),
+    "bad vmids": (
+        ["--data", "ksm_mode=vm-optout", "--data", "ksm_vmids=100,web"],
+        "ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not '100,web'",
+    ),
+}
 
 
-def test_bad_option_value_fails_the_host() -> None:
-    """ksm_max_fraction outside (0, 1] fails the host and says why."""
-    result = pyinfra("-y", "--data", "ksm_mode=unmerge", "--data", "ksm_max_fraction=7")
-    assert result.returncode == 1
-    assert "ksm_max_fraction must be a number in (0, 1]" in result.stderr + result.stdout
-
-
-def test_vm_optout_off_proxmox_fails_the_host_saying_why() -> None:
-    """vm-optout where qemu-server is not installed: the host fails, told it is not Proxmox VE."""
-    result = pyinfra("-y", "--data", "ksm_mode=vm-optout")
-    assert result.returncode == 1
-    assert "vm-optout not supported: not a Proxmox VE host" in result.stderr + result.stdout
-
-
-def test_bad_vmids_fail_the_host() -> None:
-    """ksm_vmids that are not VMIDs fail the host before anything runs."""
-    result = pyinfra("-y", "--data", "ksm_mode=vm-optout", "--data", "ksm_vmids=100,web")
-    assert result.returncode == 1
-    assert "ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not '100,web'" in (
-        result.stderr + result.stdout
-    )
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+@pytest.mark.parametrize("run", ["--dry", "-y"])
+def test_a_refusal_fails_the_host_in_dry_and_real_runs_alike(case: str, run: str) -> None:
+    """The same exit code (1) and the same reason with --dry as with -y; nothing runs."""
+    data, reason = REFUSALS[case]
+    result = pyinfra(run, *data)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reason in result.stderr + result.stdout
+    assert "Beginning operation run" not in result.stderr + result.stdout

@@ -57,4 +57,6 @@ def test_advisor_mode_reads_the_bracketed_choice() -> None:
     """``none [scan-time]`` means the scan-time advisor is in force."""
     output = [*GOOD]
     output.insert(output.index("## units"), "/sys/kernel/mm/ksm/advisor_mode:none [scan-time]")
-    assert parse_ksm_host(output)["ksm"]["advisor_mode"] == "scan-time"
+    ksm = parse_ksm_host(output)["ksm"]
+    assert ksm is not None
+    assert ksm["advisor_mode"] == "scan-time"

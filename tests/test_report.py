@@ -1,17 +1,19 @@
 """Verdicts and unmerge figures derived from the KsmHost fact fixtures."""
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import yaml
 
+from operations.model import HostState
 from operations.report import audit_record, human_bytes, verdict
 
 FACTS = Path(__file__).parent / "facts/facts.KsmHost"
 
 
-def _fact(name: str) -> dict:
-    return yaml.safe_load((FACTS / f"{name}.yaml").read_text())["fact"]
+def _fact(name: str) -> HostState:
+    return cast(HostState, yaml.safe_load((FACTS / f"{name}.yaml").read_text())["fact"])
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,7 @@ def test_verdict(fixture: str, expected: str) -> None:
 def test_enabled_unit_with_run_0_is_service_enabled() -> None:
     """ksmtuned enabled but idle (run=0) still fails: it will switch KSM on again."""
     fact = _fact("debian12_ksmtuned_running")
+    assert fact["ksm"] is not None
     fact["ksm"]["run"] = 0
     assert verdict(fact) == "service-enabled"
 

@@ -11,8 +11,8 @@ import pytest
 from pyinfra.api.exceptions import FactProcessError
 
 from operations.facts import KSM_HOST_COMMAND
+from operations.report import allow_ksm_supported
 from operations.vms import (
-    allow_ksm_supported,
     parse_cmdline,
     parse_ksm_stat,
     parse_pve_config,

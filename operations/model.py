@@ -1,0 +1,189 @@
+"""The host's KSM state as typed structures, and the names every layer shares (enums, options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal, Protocol, TypedDict
+
+DEFAULT_MAX_FRACTION = 0.5
+
+KSM_DIR = "/sys/kernel/mm/ksm"
+RUN_PATH = f"{KSM_DIR}/run"
+UNITS = ("ksmtuned.service", "ksm.service")
+PERSIST_PATH = "/etc/tmpfiles.d/ksm-guard.conf"
+PERSIST_LINE = f"w {RUN_PATH} - - - - 0"
+# Proxmox VE 9's qemu-server added the per-VM opt-out (``allow-ksm``) in this version.
+ALLOW_KSM_SINCE = (9, 0, 27)
+
+
+class Mode(StrEnum):
+    """What ksm-guard does to a host."""
+
+    AUDIT = "audit"
+    DISABLE = "disable"
+    UNMERGE = "unmerge"
+    ENABLE = "enable"
+    VM_OPTOUT = "vm-optout"
+
+
+class Verdict(StrEnum):
+    """A host's compliance, in order of severity."""
+
+    COMPLIANT = "compliant"
+    UNSUPPORTED = "unsupported"
+    MERGED_PAGES_REMAIN = "merged-pages-remain"
+    SERVICE_ENABLED = "service-enabled"
+    KSM_RUNNING = "ksm-running"
+    UNREACHABLE = "unreachable"
+    ERROR = "error"
+
+    @property
+    def exposed(self) -> bool:
+        """KSM merges, or could merge again, on this host (audit exit code 1)."""
+        return self in (Verdict.MERGED_PAGES_REMAIN, Verdict.SERVICE_ENABLED, Verdict.KSM_RUNNING)
+
+    @property
+    def unread(self) -> bool:
+        """The host's state could not be read (exit code 3)."""
+        return self in (Verdict.UNREACHABLE, Verdict.ERROR)
+
+
+class Status(StrEnum):
+    """What a run did (or, in a dry run, would do) to a host."""
+
+    OK = "ok"  # nothing to change
+    WOULD_CHANGE = "would-change"  # dry run or prompt: the plan has steps
+    CHANGED = "changed"
+    REFUSED = "refused"  # a preflight refused the host: nothing ran on it
+    FAILED = "failed"  # a command failed while changing the host
+    NOT_REACHED = "not-reached"  # the rollout stopped before this host's batch
+    UNREACHABLE = "unreachable"
+    ERROR = "error"  # connected, but the state could not be read
+
+
+class Unit(TypedDict):
+    """``systemctl show`` of one unit: LoadState, ActiveState, UnitFileState."""
+
+    load: str
+    active: str
+    unit_file: str
+
+
+class PveConfig(TypedDict):
+    """What a Proxmox VE VM config says about KSM."""
+
+    name: str | None
+    allow_ksm: bool  # what the VM starts with next
+    allow_ksm_pending: bool  # a changed value waits in [PENDING]
+
+
+class Vm(TypedDict):
+    """A running QEMU process and its merged memory."""
+
+    pid: int
+    vmid: str | None
+    name: str | None
+    uuid: str | None
+    merged_pages: int | None
+    merged_bytes: int | None
+    ksm_zero_pages: int | None
+    mem_merge: bool
+    allow_ksm: bool | None
+    restart_pending: bool
+
+
+# Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
+Ksm = dict[str, int | str]
+Persist = Literal["present", "absent", "modified"]
+
+
+class HostState(TypedDict):
+    """
+    The ``KsmHost`` fact: a host's whole KSM picture from one remote command.
+
+    Later fact sections add ``NotRequired`` keys, present only when the output has the section:
+    fixtures captured before a section existed still parse to the same value.
+    """
+
+    uid: int
+    page_size: int
+    mem_total: int
+    mem_available: int
+    ksm: Ksm | None  # None: the kernel has no KSM
+    systemd: bool
+    units: dict[str, Unit]
+    persist: Persist
+    qemu_server: str | None  # the installed qemu-server version; None: not Proxmox VE
+    vms: list[Vm]
+    pve_configs: dict[str, PveConfig]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a mode runs on a host: host data ``ksm_mask``, ``ksm_force``, ... or CLI options."""
+
+    mask: bool = False
+    force: bool = False
+    max_fraction: float = DEFAULT_MAX_FRACTION
+    vmids: tuple[int, ...] = ()
+
+
+class SettingsError(ValueError):
+    """A host's ksm-guard settings (``ksm_mode``, ``ksm_*`` data) are wrong: one line."""
+
+
+def _flag(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{key} must be true or false, not {value!r}")
+
+
+def _fraction(value: object) -> float:
+    try:
+        fraction = float(str(value))
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise SettingsError(f"ksm_max_fraction must be a number in (0, 1], not {value!r}")
+    return fraction
+
+
+def _vmids(value: object) -> tuple[int, ...]:
+    """VMIDs from a list or a comma-separated string (``--data ksm_vmids=100,101``)."""
+    items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+    try:
+        vmids = tuple(int(str(item).strip()) for item in items)
+    except ValueError:
+        vmids = (0,)
+    if any(not 100 <= vmid <= 999_999_999 for vmid in vmids):
+        raise SettingsError(f"ksm_vmids must be Proxmox VE VMIDs (100 to 999999999), not {value!r}")
+    return vmids
+
+
+class HostData(Protocol):
+    """The part of pyinfra's host data ksm-guard reads (anything with ``get``)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+def settings_from_data(data: HostData) -> tuple[Mode, Options]:
+    """The mode (``ksm_mode``, default audit) and options a host's data asks for."""
+    raw = str(data.get("ksm_mode", Mode.AUDIT.value))
+    try:
+        mode = Mode(raw)
+    except ValueError:
+        choices = ", ".join(mode.value for mode in Mode)
+        raise SettingsError(f"unknown ksm_mode {raw!r}: choose one of {choices}") from None
+    options = Options(
+        mask=_flag("ksm_mask", data.get("ksm_mask", False)),
+        force=_flag("ksm_force", data.get("ksm_force", False)),
+        max_fraction=_fraction(data.get("ksm_max_fraction", DEFAULT_MAX_FRACTION)),
+        vmids=_vmids(data.get("ksm_vmids", ())),
+    )
+    return mode, options
