@@ -7,7 +7,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from . import __version__
@@ -213,7 +212,7 @@ def _execute(
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
-    except click.Abort:
+    except typer.Abort:
         _err("ksm-guard: interrupted at the prompt; nothing changed")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if output is Output.prometheus:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -121,7 +122,7 @@ def test_disable_then_unmerge_then_nothing_to_do(merged_pages: int) -> None:
 
 
 def test_unsafe_unmerge_is_refused_and_changes_nothing(merged_pages: int) -> None:
-    """A limit below the need: refused with both figures, exit 1, pages still merged."""
+    """A limit below the need: refused with both figures, exit 1; not even run=0 was written."""
     sharing = read("pages_sharing")
     result = ksm_guard("unmerge", "--yes", "--max-fraction", "0.000001", "--output", "json")
     host = json.loads(result.stdout)["hosts"][0]
@@ -129,7 +130,52 @@ def test_unsafe_unmerge_is_refused_and_changes_nothing(merged_pages: int) -> Non
     assert host["status"] == "refused"
     assert "unsafe unmerge refused: needs" in host["detail"]
     assert "of MemAvailable" in host["detail"]
+    assert host["refusal"]["code"] == "unsafe-unmerge"
+    assert host["refusal"]["figures"]["need_bytes"] > host["refusal"]["figures"]["allowed_bytes"]
+    assert read("run") == 1, "a refused unmerge must not run the disable steps either"
     assert read("pages_sharing") >= sharing // 2 > 0
+
+
+# Each case: the options, and the status a dry run and then the real run report.
+PARITY = {
+    "unsafe unmerge": (["unmerge", "--max-fraction", "0.000001"], "refused", "refused", 1),
+    "unmerge": (["unmerge"], "would-change", "changed", 0),
+    "disable": (["disable"], "would-change", "changed", 0),
+    "vm-optout off Proxmox VE": (["vm-optout"], "refused", "refused", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY))
+def test_dry_run_and_real_run_agree(merged_pages: int, case: str) -> None:
+    """--dry-run reports the status, reason and exit code the real run then has, on real pages."""
+    args, planned, done, code = PARITY[case]
+    dry = ksm_guard(*args, "--dry-run", "--output", "json")
+    before = read("run")
+    real = ksm_guard(*args, "--yes", "--output", "json")
+    dry_host, real_host = (json.loads(r.stdout)["hosts"][0] for r in (dry, real))
+    assert (dry.returncode, dry_host["status"]) == (code, planned), dry.stderr
+    assert (real.returncode, real_host["status"]) == (code, done), real.stderr
+    assert dry_host["refusal"] == real_host["refusal"] or dry_host["refusal"]["code"] == (
+        real_host["refusal"]["code"]  # the same refusal; MemAvailable moved in between
+    )
+    assert dry_host["changes"] == real_host["changes"]
+    if done == "refused":
+        assert read("run") == before == 1
+
+
+def test_non_root_dry_run_is_refused_as_the_real_run_is(merged_pages: int, tmp_path) -> None:
+    """As nobody, disable --dry-run is refused (exit 1) with the real run's reason."""
+    inventory = tmp_path / "nobody.py"
+    inventory.write_text("hosts = [('@local', {'_su_user': 'nobody', '_su_shell': '/bin/sh'})]\n")
+    results = [
+        ksm_guard("disable", flag, "-i", str(inventory), "--output", "json")
+        for flag in ("--dry-run", "--yes")
+    ]
+    hosts = [json.loads(result.stdout)["hosts"][0] for result in results]
+    assert [result.returncode for result in results] == [1, 1]
+    assert [host["status"] for host in hosts] == ["refused", "refused"]
+    assert hosts[0]["detail"] == hosts[1]["detail"]
+    assert read("run") == 1
 
 
 def test_non_root_gets_permission_denied_and_changes_nothing(merged_pages: int, tmp_path) -> None:
@@ -178,9 +224,52 @@ def test_terminal_confirmation(
 
     monkeypatch.setattr("cli.app._interactive", lambda: True)
     result = CliRunner().invoke(app, ["disable"], input=f"{answer}\n")
+    assert "@local  ksm-running" in result.stderr  # the current verdict
     assert "run: 1 → 0" in result.stderr
-    assert "Apply 'disable' to these hosts?" in result.stderr
+    assert "plan for disable: 1 would change, 0 refused" in result.stderr
+    assert "Apply 'disable' to 1 host(s)?" in result.stderr
+    assert result.exit_code == 0
+    if answer == "n":
+        assert "declined, nothing changed" in result.stdout
     assert read("run") == run_after
+
+
+def test_ctrl_c_at_the_prompt_exits_130_and_changes_nothing(merged_pages: int) -> None:
+    """On a real terminal (a pty), Ctrl-C at the prompt: exit 130, one line, run stays 1."""
+    import fcntl as fcntl_
+    import select
+    import termios
+
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl_.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    child = subprocess.Popen(
+        [str(BIN / "ksm-guard"), "disable"],
+        stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"[y/N]" not in seen:
+        assert time.monotonic() < deadline, seen.decode(errors="replace")
+        if select.select([master], [], [], 1)[0]:
+            seen += os.read(master, 4096)
+    os.write(master, b"\x03")  # the terminal turns it into SIGINT for the foreground group
+    assert child.wait(timeout=30) == 130
+    rest = b""
+    with contextlib.suppress(OSError):
+        while select.select([master], [], [], 0.5)[0]:
+            chunk = os.read(master, 4096)
+            if not chunk:
+                break
+            rest += chunk
+    os.close(master)
+    assert b"Traceback" not in seen + rest
+    assert b"nothing changed" in rest
+    assert read("run") == 1
 
 
 @pytest.fixture
