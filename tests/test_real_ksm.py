@@ -155,8 +155,12 @@ def test_dry_run_and_real_run_agree(merged_pages: int, case: str) -> None:
     dry_host, real_host = (json.loads(r.stdout)["hosts"][0] for r in (dry, real))
     assert (dry.returncode, dry_host["status"]) == (code, planned), dry.stderr
     assert (real.returncode, real_host["status"]) == (code, done), real.stderr
-    assert dry_host["refusal"] == real_host["refusal"] or dry_host["refusal"]["code"] == (
-        real_host["refusal"]["code"]  # the same refusal; MemAvailable moved in between
+    assert (
+        dry_host["refusal"] == real_host["refusal"]
+        or dry_host["refusal"]["code"]
+        == (
+            real_host["refusal"]["code"]  # the same refusal; MemAvailable moved in between
+        )
     )
     assert dry_host["changes"] == real_host["changes"]
     if done == "refused":
