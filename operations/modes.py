@@ -9,6 +9,8 @@ executing, then one operation per part of the plan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -31,32 +33,62 @@ def planned(state: Any, for_host: Any) -> HostPlan | None:
     return _plans.get(state, {}).get(for_host)
 
 
-def _add_operations(mode: Mode, options: Options) -> None:
-    """The operations of ``mode``: one place per mode, in the order they run."""
-    if mode is Mode.AUDIT:
-        ksm.audited(name="Audit KSM", max_fraction=options.max_fraction)
-        return
-    ksm.preflight(
-        name=f"Check the {mode} plan",
-        mode=mode.value,
-        mask=options.mask,
-        force=options.force,
-        max_fraction=options.max_fraction,
-        vmids=list(options.vmids),
+@dataclass(frozen=True)
+class Call:
+    """One operation of a mode: its name in pyinfra's output, and its arguments from options."""
+
+    name: str
+    operation: Any  # a pyinfra @operation
+    arguments: Callable[[Options], dict[str, Any]] = lambda options: {}
+
+
+def _preflight(mode: Mode) -> Call:
+    return Call(
+        f"Check the {mode} plan",
+        ksm.preflight,
+        lambda o: {
+            "mode": mode.value,
+            "mask": o.mask,
+            "force": o.force,
+            "max_fraction": o.max_fraction,
+            "vmids": list(o.vmids),
+        },
     )
-    if mode in (Mode.DISABLE, Mode.UNMERGE):
-        ksm.services_disabled(name="Switch off ksmtuned and ksm.service", mask=options.mask)
-        ksm.merging_stopped(name="Stop KSM merging (run=0)")
-        ksm.boot_persisted(name="Keep KSM off at boot", present=True)
-    if mode is Mode.UNMERGE:
-        ksm.unmerged(name=UNMERGE_OPERATION, max_fraction=options.max_fraction, force=options.force)
-    if mode is Mode.ENABLE:
-        ksm.services_enabled(name="Switch ksmtuned back on")
-        ksm.boot_persisted(name="Drop the KSM boot persistence", present=False)
-    if mode is Mode.VM_OPTOUT:
-        pve.vms_opted_out(
-            name="Opt Proxmox VE VMs out of KSM (allow-ksm 0)", vmids=list(options.vmids)
-        )
+
+
+_DISABLE = (
+    Call("Switch off ksmtuned and ksm.service", ksm.services_disabled, lambda o: {"mask": o.mask}),
+    Call("Stop KSM merging (run=0)", ksm.merging_stopped),
+    Call("Keep KSM off at boot", ksm.boot_persisted, lambda o: {"present": True}),
+)
+
+# Each mode's operations, in the order they run: the one place a mode is defined.
+OPERATIONS: dict[Mode, tuple[Call, ...]] = {
+    Mode.AUDIT: (Call("Audit KSM", ksm.audited, lambda o: {"max_fraction": o.max_fraction}),),
+    Mode.DISABLE: (_preflight(Mode.DISABLE), *_DISABLE),
+    Mode.UNMERGE: (
+        _preflight(Mode.UNMERGE),
+        *_DISABLE,
+        Call(
+            UNMERGE_OPERATION,
+            ksm.unmerged,
+            lambda o: {"max_fraction": o.max_fraction, "force": o.force},
+        ),
+    ),
+    Mode.ENABLE: (
+        _preflight(Mode.ENABLE),
+        Call("Switch ksmtuned back on", ksm.services_enabled),
+        Call("Drop the KSM boot persistence", ksm.boot_persisted, lambda o: {"present": False}),
+    ),
+    Mode.VM_OPTOUT: (
+        _preflight(Mode.VM_OPTOUT),
+        Call(
+            "Opt Proxmox VE VMs out of KSM (allow-ksm 0)",
+            pve.vms_opted_out,
+            lambda o: {"vmids": list(o.vmids)},
+        ),
+    ),
+}
 
 
 def _refuse_now(host_plan: HostPlan) -> None:
@@ -85,4 +117,5 @@ def run_from_host_data() -> None:
     if host_plan.refusal is not None:
         _refuse_now(host_plan)
         return
-    _add_operations(mode, options)
+    for call in OPERATIONS[mode]:
+        call.operation(name=call.name, **call.arguments(options))

@@ -218,3 +218,47 @@ def test_a_dry_run_reads_the_state_once(sent: list[str]) -> None:
     result = runner.invoke(app, ["unmerge", "--dry-run"])
     assert result.exit_code in (0, 1), result.output
     assert sent == [KSM_HOST_COMMAND]
+
+
+# Dry run and real run of the same request: the same status, detail and exit code. On @local,
+# with nothing merged here, each of these either refuses or has nothing to change.
+PARITY = {
+    "vm-optout off Proxmox VE": ("vm-optout", "", "refused", 1),
+    "bad host setting": ("disable", "ksm_mask='maybe'", "refused", 1),
+    "bad max fraction": ("unmerge", "ksm_max_fraction='lots'", "refused", 1),
+    "nothing to do": ("enable", "", "ok", 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY))
+def test_dry_run_and_real_run_agree(case: str, write_inventory) -> None:
+    """--dry-run reports what --yes then does, status, reason and exit code alike."""
+    mode, data, status, code = PARITY[case]
+    inventory = write_inventory(f"hosts = [('@local', dict({data}))]\n")
+    results = [
+        runner.invoke(app, [mode, flag, "-i", inventory, "-o", "json"])
+        for flag in ("--dry-run", "--yes")
+    ]
+    hosts = [json.loads(result.stdout)["hosts"][0] for result in results]
+    assert [result.exit_code for result in results] == [code, code], results[1].output
+    assert [host["status"] for host in hosts] == [status, status]
+    assert hosts[0]["detail"] == hosts[1]["detail"]
+    assert hosts[0]["refusal"] == hosts[1]["refusal"]
+
+
+def test_serial_and_batch_together_are_a_usage_error() -> None:
+    """--serial is --batch 1: giving both is refused (exit 2), not silently resolved."""
+    result = runner.invoke(app, ["unmerge", "--dry-run", "--serial", "--batch", "2"])
+    assert result.exit_code == 2
+    assert "--serial" in result.stderr
+
+
+def test_a_plan_of_refusals_alone_asks_nothing(write_inventory, monkeypatch) -> None:
+    """Nothing would change, only refusals: no prompt; the plan is the result, exit 1."""
+    monkeypatch.setattr("cli.app._interactive", lambda: True)
+    inventory = write_inventory("hosts = ['@local']\n")
+    result = runner.invoke(app, ["vm-optout", "-i", inventory], input="n\n")
+    # Refused hosts alone leave nothing to confirm: the plan is the result, as in a dry run.
+    assert result.exit_code == 1
+    assert "Apply" not in result.stderr
+    assert "vm-optout not supported" in result.stdout

@@ -223,6 +223,10 @@ def test_unsafe_unmerge_is_refused_then_forced(merged, tmp_path: Path) -> None:
     assert host["status"] == "refused"
     assert "unsafe unmerge refused: needs" in host["detail"]
     assert "of MemAvailable" in host["detail"]
+    # Refused as a whole, before anything ran: not even the disable steps.
+    assert sysfs(guest, "run") == 1
+    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
+    assert not guest.testinfra_host().file("/etc/tmpfiles.d/ksm-guard.conf").exists
     assert sysfs(guest, "pages_sharing") >= sharing * 0.9
 
     forced = ksm_guard("unmerge", "--yes", "--force", "-i", path)
@@ -338,7 +342,7 @@ def test_rolling_unmerge_stops_at_a_refusal(fresh_fleet, tmp_path: Path) -> None
     ]  # fmt: skip
     assert hosts[debian.name]["unmerge"]["pages"] > 0
     assert (sysfs(debian, "pages_shared"), sysfs(debian, "pages_sharing")) == (0, 0)
-    assert sysfs(pve, "run") == 0 and sysfs(pve, "pages_sharing") > 0
+    assert sysfs(pve, "run") == 1 and sysfs(pve, "pages_sharing") > 0  # refused: untouched
     assert not bare.testinfra_host().file("/etc/tmpfiles.d/ksm-guard.conf").exists
 
 

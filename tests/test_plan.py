@@ -1,0 +1,82 @@
+"""
+The planner against host-state fixtures (tests/plans/<mode>/<case>.yaml, one scenario a file),
+and the mode's operations given the same state: they carry out exactly that plan.
+
+A case names a KsmHost fact fixture (``fact``), optional ``state`` overrides and ``options``,
+then the plan: ``status``, and either ``refusal`` (code and reason) or ``changes`` and
+``commands`` (shell text; ``<UNMERGE_SCRIPT>`` stands for the quoted unmerge script).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import yaml
+from pyinfra.context import ctx_host, ctx_state
+from pyinfra_testing.operations import parse_commands
+from pyinfra_testing.util import FakeState, create_host
+
+from operations.model import HostState, Mode, Options
+from operations.modes import OPERATIONS
+from operations.plan import UNMERGE_SCRIPT, HostPlan, plan
+
+PLANS = Path(__file__).parent / "plans"
+FACTS = Path(__file__).parent / "facts" / "facts.KsmHost"
+CASES = sorted(PLANS.glob("*/*.yaml"))
+
+
+def _case(path: Path) -> tuple[dict[str, Any], HostState, Mode, Options]:
+    case = yaml.safe_load(path.read_text())
+    state = yaml.safe_load((FACTS / f"{case['fact']}.yaml").read_text())["fact"]
+    state.update(case.get("state", {}))
+    options = dict(case.get("options", {}))
+    if "vmids" in options:
+        options["vmids"] = tuple(options["vmids"])
+    return case, cast(HostState, state), Mode(path.parent.name), Options(**options)
+
+
+def _shell(commands: list[str]) -> list[str]:
+    return [text.replace("<UNMERGE_SCRIPT>", shlex.quote(UNMERGE_SCRIPT)) for text in commands]
+
+
+def _planned_commands(host_plan: HostPlan) -> list[str]:
+    return [str(command) for step in host_plan.steps for command in step.commands]
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_plan(path: Path) -> None:
+    """The plan's status, and its refusal or its from → to lines and commands."""
+    case, state, mode, options = _case(path)
+    host_plan = plan(state, mode, options)
+    assert host_plan.status == case["status"]
+    if "refusal" in case:
+        assert host_plan.refusal is not None
+        assert host_plan.refusal.code == case["refusal"]["code"]
+        assert host_plan.refusal.reason == case["refusal"]["reason"]
+    else:
+        assert host_plan.refusal is None
+        assert host_plan.changes == case["changes"]
+        assert _planned_commands(host_plan) == _shell(case["commands"])
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_the_operations_carry_out_the_plan(path: Path) -> None:
+    """
+    Each operation of the mode, in order, on the same state: together they yield the plan's
+    commands; for a refused plan the first thing yielded is the refusal (the preflight), so a run
+    that reaches the operations at all still changes nothing.
+    """
+    case, state, mode, options = _case(path)
+    fake_state = FakeState()
+    host = create_host(fake_state, facts={"facts.KsmHost": state})
+    yielded: list[Any] = []
+    with ctx_state.use(fake_state), ctx_host.use(host):
+        for call in OPERATIONS[mode]:
+            yielded += parse_commands(list(call.operation._inner(**call.arguments(options))))
+    if "refusal" in case:
+        assert yielded[0] == ["refuse", [case["refusal"]["reason"]], {}]
+    else:
+        assert yielded == _shell(case["commands"])
