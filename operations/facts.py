@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast, get_args
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
@@ -35,8 +37,25 @@ _INT_FILES = {
 }  # fmt: skip
 _SECTIONS = ("meta", "meminfo", "ksm", "units", "persist", "vms")
 
+
+@dataclass(frozen=True)
+class Section:
+    """
+    A later part of the one fact command: its shell, and the parser of its lines, whose result
+    is stored under ``name``. Optional: output captured before the section existed still parses
+    (to the same value, without that key), so an added section leaves every fixture valid.
+    """
+
+    name: str
+    command: str
+    parse: Callable[[list[str]], object]
+
+
+# Sections added after the core ones, in the order they run (none yet).
+EXTENSIONS: tuple[Section, ...] = ()
+
 # Each section starts with a marker line, so that every output line is accounted for.
-KSM_HOST_COMMAND = "; ".join(
+CORE_COMMAND = "; ".join(
     (
         "echo '## meta'",
         'echo "uid=$(id -u)"',
@@ -58,6 +77,16 @@ KSM_HOST_COMMAND = "; ".join(
         VMS_COMMAND,
     )
 )
+
+
+def host_command(extensions: tuple[Section, ...] = EXTENSIONS) -> str:
+    """The core command followed by each extension section behind its marker."""
+    return "; ".join(
+        (CORE_COMMAND, *(f"echo '## {section.name}'; {section.command}" for section in extensions))
+    )
+
+
+KSM_HOST_COMMAND = host_command()
 
 
 def _fail(line: str, why: str) -> FactProcessError:
@@ -109,8 +138,9 @@ def _parse_unit_line(line: str, units: dict[str, dict[str, str]], current: list[
     units[current[0]][field] = value
 
 
-def parse_ksm_host(output: list[str]) -> HostState:
+def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIONS) -> HostState:
     """Turn the output of ``KSM_HOST_COMMAND`` into the plain dict ``KsmHost`` returns."""
+    extra: dict[str, list[str]] = {}
     meta: dict[str, int] = {}
     qemu_server: list[str | None] = []
     vm_lines: list[str] = []
@@ -129,9 +159,13 @@ def parse_ksm_host(output: list[str]) -> HostState:
             continue
         if line.startswith("## "):
             section = line[3:]
-            if section not in _SECTIONS or section in seen:
+            known = (*_SECTIONS, *(extension.name for extension in extensions))
+            if section not in known or section in seen:
                 raise _fail(line, "a section marker")
             seen.append(section)
+            continue
+        if section in extra or (section not in _SECTIONS and section is not None):
+            extra.setdefault(section, []).append(line)
             continue
         if section == "meta" and line.startswith("qemu_server=") and not qemu_server:
             qemu_server.append(parse_qemu_server(line.partition("=")[2], line))
@@ -188,7 +222,7 @@ def parse_ksm_host(output: list[str]) -> HostState:
             "unit_file": unit.get("unit_file", ""),
         }
 
-    return {
+    state: HostState = {
         "uid": meta["uid"],
         "page_size": meta["pagesize"],
         "mem_total": meminfo["MemTotal"],
@@ -201,6 +235,11 @@ def parse_ksm_host(output: list[str]) -> HostState:
         "vms": vms,
         "pve_configs": pve_configs,
     }
+    found = cast(dict[str, object], state)
+    for extension in extensions:
+        if extension.name in seen:
+            found[extension.name] = extension.parse(extra.get(extension.name, []))
+    return state
 
 
 class KsmHost(FactBase[HostState]):

@@ -60,3 +60,21 @@ def test_advisor_mode_reads_the_bracketed_choice() -> None:
     ksm = parse_ksm_host(output)["ksm"]
     assert ksm is not None
     assert ksm["advisor_mode"] == "scan-time"
+
+
+def test_an_added_section_leaves_captured_output_valid() -> None:
+    """A new fact section: old output parses as before (no key); new output carries it."""
+    from operations.facts import Section, host_command
+
+    probe = Section("probe", "uname -r", lambda lines: lines)
+    assert "echo '## probe'; uname -r" in host_command((probe,))
+    assert parse_ksm_host(GOOD, (probe,)) == parse_ksm_host(GOOD)
+    assert "probe" not in parse_ksm_host(GOOD, (probe,))
+    new = parse_ksm_host([*GOOD, "## probe", "6.12.48"], (probe,))
+    assert new.get("probe") == ["6.12.48"]
+
+
+def test_an_unknown_section_is_still_refused() -> None:
+    """Only registered sections are accepted: a stray marker is garbage, not a new section."""
+    with pytest.raises(FactProcessError, match="section marker"):
+        parse_ksm_host([*GOOD, "## probe", "6.12.48"])
