@@ -70,30 +70,6 @@ def test_change_without_yes_off_a_terminal_is_refused(mode: str) -> None:
     )
 
 
-def test_missing_inventory_is_a_usage_error() -> None:
-    """A missing inventory file: exit 2 and one line naming it."""
-    result = runner.invoke(app, ["audit", "-i", "inventories/nope.py"])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == "ksm-guard: inventory not found: inventories/nope.py"
-    assert result.stdout == ""
-
-
-def test_broken_inventory_is_a_usage_error(write_inventory) -> None:
-    """An inventory with a syntax error: exit 2, the file and line named."""
-    path = write_inventory("hosts = [\n  '@local',\n")
-    result = runner.invoke(app, ["audit", "-i", path])
-    assert result.exit_code == 2
-    assert result.stderr.strip().startswith(f"ksm-guard: cannot load {path}: syntax error at line")
-
-
-def test_inventory_without_hosts_is_a_usage_error(write_inventory) -> None:
-    """An inventory that defines no hosts: exit 2."""
-    path = write_inventory("settings = {'a': 1}\n")
-    result = runner.invoke(app, ["audit", "-i", path])
-    assert result.exit_code == 2
-    assert "defines no hosts" in result.stderr
-
-
 def test_unknown_output_is_a_usage_error() -> None:
     """An unknown --output value is Click's usage error, exit 2."""
     result = runner.invoke(app, ["audit", "--output", "yaml"])
@@ -132,13 +108,6 @@ def test_help_does_not_import_pyinfra_or_gevent(argv: list[str]) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
-def test_limit_matching_nothing_is_a_usage_error() -> None:
-    """--limit that matches no host: exit 2, the pattern named."""
-    result = runner.invoke(app, ["audit", "--limit", "web*"])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == "ksm-guard: --limit 'web*' matches no host or group"
-
-
 def test_unreachable_host_beside_a_good_one(write_inventory) -> None:
     """A dead host is reported unreachable (exit 3) while @local is still audited."""
     port = _closed_port()
@@ -165,18 +134,6 @@ def test_limit_selects_hosts(write_inventory) -> None:
     result = runner.invoke(app, ["audit", "-i", path, "--limit", "@local", "-o", "json"])
     assert [h["host"] for h in json.loads(result.stdout)["hosts"]] == ["@local"]
     assert result.exit_code in (0, 1)
-
-
-def test_group_data_reaches_hosts(write_inventory, tmp_path) -> None:
-    """group_data/<file-name group>.py beside the inventory applies to its hosts."""
-    (tmp_path / "group_data").mkdir()
-    (tmp_path / "group_data" / "fleet.py").write_text("ksm_mode = 'nonsense'\n")
-    path = write_inventory("hosts = ['@local']\n", name="fleet.py")
-    from cli.inventory import make_inventory
-
-    inventory, chosen = make_inventory(path, {}, [])
-    assert chosen == ["@local"]
-    assert inventory.get_host("@local").data.get("ksm_mode") == "nonsense"
 
 
 def test_version() -> None:
