@@ -181,9 +181,8 @@ def _execute(
 ) -> None:
     from operations.model import Mode
 
-    from . import prometheus, render
+    from . import interrupt, prometheus, render
     from .engine import (
-        EXIT_INTERRUPTED,
         EXIT_UNREACHABLE,
         EXIT_USAGE,
         Request,
@@ -201,8 +200,12 @@ def _execute(
         if yes:
             return True
         _err(render.plan_text(plan))
-        count = len(plan.pending)
-        return typer.confirm(f"Apply '{mode}' to {count} host(s)?", default=False, err=True)
+        question = f"Apply '{mode}' to {len(plan.pending)} host(s)?"
+        try:
+            with interrupt.saying("ksm-guard: interrupted at the prompt; nothing changed"):
+                return typer.confirm(question, default=False, err=True)
+        except typer.Abort:  # end of input (Ctrl-D): no answer is no
+            return False
 
     terminal = sys.stderr.isatty()
     echo = _err if verbose else None
@@ -212,9 +215,6 @@ def _execute(
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
-    except typer.Abort:
-        _err("ksm-guard: interrupted at the prompt; nothing changed")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     if output is Output.prometheus:
         typer.echo(prometheus.render(result), nl=False)
     else:
@@ -227,8 +227,8 @@ def _execute(
     if textfile_dir is not None:
         try:
             prometheus.write_textfile(textfile_dir, prometheus.render(result))
-        except OSError as error:
-            _err(f"ksm-guard: cannot write {textfile_dir / prometheus.TEXTFILE_NAME}: {error}")
+        except prometheus.TextfileError as error:
+            _err(f"ksm-guard: {error}")
             raise typer.Exit(EXIT_UNREACHABLE) from None
     raise typer.Exit(result.exit_code)
 

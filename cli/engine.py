@@ -33,7 +33,6 @@ EXIT_OK = 0
 EXIT_NONCOMPLIANT = 1  # audit: a host is exposed; change modes: a change failed or was refused
 EXIT_USAGE = 2  # Click's own usage errors, and a missing or unloadable inventory
 EXIT_UNREACHABLE = 3  # a host was unreachable or its state could not be read
-EXIT_INTERRUPTED = 130  # Ctrl-C
 
 SCHEMA_VERSION = 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,11 +90,28 @@ def render(result: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+class TextfileError(OSError):
+    """``ksm_guard.prom`` could not be written; the one there before, if any, is left as it was."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 def write_textfile(directory: Path, text: str) -> Path:
-    """Write ``text`` to ``directory/ksm_guard.prom`` atomically: a temp file there, then rename."""
+    """
+    Write ``text`` to ``directory/ksm_guard.prom`` atomically: a temp file there, then rename.
+    On failure (disk full, directory gone or read-only) the old file is untouched, the temp file
+    removed, and ``TextfileError`` raised.
+    """
     target = directory / TEXTFILE_NAME
-    # node_exporter reads only *.prom: the temp file's name ends otherwise.
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{TEXTFILE_NAME}.", suffix=".tmp")
+    try:
+        # node_exporter reads only *.prom: the temp file's name ends otherwise.
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{TEXTFILE_NAME}.", suffix=".tmp")
+    except OSError as error:
+        raise TextfileError(target, error) from error
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -101,7 +119,10 @@ def write_textfile(directory: Path, text: str) -> Path:
             os.fsync(handle.fileno())
         os.chmod(temp, 0o644)
         os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
+    except BaseException as error:
+        with suppress(OSError):  # a directory gone or read-only now: nothing left to remove
+            Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise TextfileError(target, error) from error
         raise
     return target
