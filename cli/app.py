@@ -359,21 +359,41 @@ def vm_optout(
     )  # fmt: skip
 
 
-@app.command(epilog=EXIT_CODES)
+VERIFY_EXIT_CODES = (
+    "Exit codes: 0 every check passed on every host; 1 a check failed; "
+    "2 usage error (bad option, missing or broken inventory); "
+    "3 a host was unreachable (no SSH session within --connect-timeout), or its checks could "
+    "not run. Unreachable hosts are reported on stderr, one line each; the others are checked."
+)
+
+
+@app.command(epilog=VERIFY_EXIT_CODES)
 def verify(
     inventory: InventoryOpt = "@local",
     limit: LimitOpt = None,
     junit_xml: Annotated[
-        Path | None, typer.Option("--junit-xml", help="Also write a JUnit XML report here.")
+        Path | None,
+        typer.Option(
+            "--junit-xml",
+            help="Also write a JUnit XML report here: a case per host and check.",
+        ),
     ] = None,
     sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
 ) -> None:
-    """Check each host with the shipped testinfra checks, independently of ksm-guard's facts."""
+    """
+    Check each host with the shipped testinfra checks, independently of ksm-guard's facts.
+    Every host's SSH is tried first, all at once; the checks run on those that answered.
+    """
     from .engine import EXIT_USAGE, UsageError
     from .verify import verify as run_checks
 
     try:
-        code = run_checks(inventory, limit or [], sudo, junit_xml)
+        code = run_checks(
+            inventory=inventory, limit=limit or [], sudo=sudo, junit_xml=junit_xml,
+            connect_timeout=connect_timeout, show=lambda text: typer.echo(text, nl=False),
+            warn=_err,
+        )  # fmt: skip
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
