@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,11 @@ pytestmark = [
         reason="needs root and a kernel with KSM (/sys/kernel/mm/ksm)",
     ),
 ]
+
+
+def figures(text: str) -> str:
+    """``text`` with every number as N: the shape of a line whose counts move."""
+    return re.sub(r"\d+(\.\d+)?", "N", text)
 
 
 def read(name: str) -> int:
@@ -162,7 +168,10 @@ def test_dry_run_and_real_run_agree(merged_pages: int, case: str) -> None:
             real_host["refusal"]["code"]  # the same refusal; MemAvailable moved in between
         )
     )
-    assert dry_host["changes"] == real_host["changes"]
+    # The same lines; ksmd may merge a few more pages and MemAvailable moves in between.
+    assert [figures(line) for line in dry_host["changes"]] == [
+        figures(line) for line in real_host["changes"]
+    ]
     if done == "refused":
         assert read("run") == before == 1
 
