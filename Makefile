@@ -4,9 +4,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ksm-guard-installed
 PYTEST := $(BIN)/pytest
 
-.PHONY: audit test test-unit test-real test-vm lint test-deps vm-image bench bench-deps clean
+.PHONY: audit test test-unit test-real test-install test-vm lint test-deps vm-image bench bench-deps clean
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
 	touch $@
 
@@ -15,15 +15,19 @@ audit: $(STAMP)
 	$(BIN)/ksm-guard audit || [ $$? -eq 1 ]
 
 ## test: lint, unit and CLI tests, the local real-KSM tests, then the QEMU VM suite
-test: lint test-unit test-real test-vm
+test: lint test-unit test-real test-install test-vm
 
 ## test-unit: fixture and CLI tests; no VMs, seconds
 test-unit: $(STAMP) test-deps
-	$(PYTEST) tests --ignore=tests/integration -m "not realksm"
+	$(PYTEST) tests --ignore=tests/integration -m "not realksm and not install"
 
 ## test-real: this machine's own kernel KSM (needs root and /sys/kernel/mm/ksm)
 test-real: $(STAMP) test-deps
 	$(PYTEST) tests/test_real_ksm.py
+
+## test-install: the built wheel in a fresh venv beside other "operations" and "cli" packages
+test-install: $(STAMP)
+	$(PYTEST) tests/test_install.py
 
 ## test-vm: build (or reuse) the Debian 12 image, boot the test VMs, run the integration suite
 # Run apart from the other tiers: pyinfra-testing imports pyinfra_cli, which gevent-patches the

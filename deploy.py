@@ -11,6 +11,6 @@ Options (host data, or --data): ksm_mask=true, ksm_force=true, ksm_max_fraction=
 ksm_vmids=100,101 (vm-optout: only these VMs).
 """
 
-from operations import modes
+from ksm_guard.operations import modes
 
 modes.run_from_host_data()

@@ -33,13 +33,13 @@ def _child(inventory_path: str, parallel: int, fact: str) -> None:
     from pyinfra.api.facts import get_facts
     from pyinfra.facts.server import Command
 
-    from cli import app, render  # noqa: F401  (the CLI imports them; so must we)
-    from cli.engine import HostResult, RunResult, read
-    from cli.inventory import make_inventory
-    from operations import modes  # noqa: F401
-    from operations.facts import KSM_HOST_COMMAND
-    from operations.model import Mode, Status
-    from operations.report import audit_record
+    from ksm_guard.cli import app, render  # noqa: F401  (the CLI imports them; so must we)
+    from ksm_guard.cli.engine import HostResult, RunResult, read
+    from ksm_guard.cli.inventory import make_inventory
+    from ksm_guard.operations import modes  # noqa: F401
+    from ksm_guard.operations.facts import KSM_HOST_COMMAND
+    from ksm_guard.operations.model import Mode, Status
+    from ksm_guard.operations.report import audit_record
 
     marks["imports"] = time.time()
     inventory, chosen = make_inventory(inventory_path, {"ksm_mode": "audit"}, [])
@@ -113,8 +113,8 @@ def import_profile(top: int = 8) -> list[tuple[str, float]]:
     """
     code = (
         "from gevent import monkey; monkey.patch_all(); "
-        "import cli.app, cli.engine, cli.render, operations.modes, pyinfra.api.connect, "
-        "pyinfra.api.facts"
+        "import ksm_guard.cli.app, ksm_guard.cli.engine, ksm_guard.cli.render, "
+        "ksm_guard.operations.modes, pyinfra.api.connect, pyinfra.api.facts"
     )
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import FactProcessError
 
-from operations.facts import KSM_DIR, KSM_HOST_COMMAND, PERSIST_PATH, UNITS, parse_ksm_host
+from ksm_guard.operations.facts import (
+    KSM_DIR,
+    KSM_HOST_COMMAND,
+    PERSIST_PATH,
+    UNITS,
+    parse_ksm_host,
+)
 
 from .fleet import Fleet
 

@@ -1,4 +1,4 @@
-"""``python -m cli`` runs ksm-guard."""
+"""``python -m ksm_guard.cli`` runs ksm-guard."""
 
 from .main import main
 

@@ -179,7 +179,7 @@ def _execute(
     textfile_dir: Path | None = None,
     **options: object,
 ) -> None:
-    from operations.model import Mode
+    from ksm_guard.operations.model import Mode
 
     from . import interrupt, prometheus, render
     from .engine import (

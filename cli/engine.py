@@ -19,9 +19,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from operations.model import DEFAULT_MAX_FRACTION, HostState, Mode, Status, Verdict
-from operations.plan import HostPlan, Part, Refusal, RefusalCode
-from operations.report import AuditRecord, audit_record
+from ksm_guard.operations.model import DEFAULT_MAX_FRACTION, HostState, Mode, Status, Verdict
+from ksm_guard.operations.plan import HostPlan, Part, Refusal, RefusalCode
+from ksm_guard.operations.report import AuditRecord, audit_record
 
 from .inventory import InventoryError, make_inventory
 
@@ -271,7 +271,7 @@ def read_host(state: State, host: Host) -> Reading:
     from pyinfra.api.exceptions import FactProcessError
     from pyinfra.context import ctx_host, ctx_state
 
-    from operations.facts import KSM_HOST_COMMAND, parse_ksm_host
+    from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
 
     with ctx_state.use(state), ctx_host.use(host):
         arguments, _ = pop_global_arguments(state, host, {})
@@ -295,8 +295,8 @@ def read_host(state: State, host: Host) -> Reading:
 
 def plan_host(host: Host, reading: Reading) -> HostPlan | None:
     """The host's plan for the mode and options its data names (None: state unreadable)."""
-    from operations.model import Options, SettingsError, settings_from_data
-    from operations.plan import plan, refused
+    from ksm_guard.operations.model import Options, SettingsError, settings_from_data
+    from ksm_guard.operations.plan import plan, refused
 
     try:
         mode, options = settings_from_data(host.data)
@@ -415,8 +415,8 @@ def _operations(state: State, host: Host) -> list[tuple[str, Any]]:
 
 def _outcome(state: State, host: Host, host_plan: HostPlan | None, timer: _Timer) -> HostResult:
     """What the batch did to one host, from its plan and its operations' results."""
-    from operations import ksm
-    from operations.modes import UNMERGE_OPERATION
+    from ksm_guard.operations import ksm
+    from ksm_guard.operations.modes import UNMERGE_OPERATION
 
     if host_plan is None:
         return HostResult(host.name, Status.ERROR, "KSM state could not be read at its turn")
@@ -462,7 +462,7 @@ def run_batch(
     from pyinfra.api.exceptions import PyinfraError
     from pyinfra.api.operations import run_ops
 
-    from operations import modes
+    from ksm_guard.operations import modes
 
     timer = _Timer()
     state.add_callback_handler(timer.callback)
@@ -581,7 +581,7 @@ def _watching(hosts: list[Host], progress: Callable[[str], None] | None) -> Iter
     from gevent.event import Event
     from pyinfra.api import QuoteString, StringCommand
 
-    from operations.model import KSM_DIR
+    from ksm_guard.operations.model import KSM_DIR
 
     command = StringCommand("cat", QuoteString(f"{KSM_DIR}/pages_sharing"))
     stop = Event()

@@ -9,7 +9,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from operations.model import Vm
+from ksm_guard.operations.model import Vm
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from operations.model import Mode, Status
-from operations.report import AuditRecord, exposure_order, human_bytes, record_unit_state
+from ksm_guard.operations.model import Mode, Status
+from ksm_guard.operations.report import AuditRecord, exposure_order, human_bytes, record_unit_state
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult

@@ -40,6 +40,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=25.1"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e . --group dev
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e . --group dev
 # Byte-compile the project now: with PYTHONDONTWRITEBYTECODE set, every run would compile it anew.
 "$VENV/bin/python" -m compileall -q cli operations >/dev/null

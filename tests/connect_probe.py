@@ -20,7 +20,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     monkey.patch_all()
     from pyinfra.api import Config, Inventory, State
 
-    from cli.connect import connect_hosts
+    from ksm_guard.cli.connect import connect_hosts
 
     entries = [(name, data) for name, data in spec["hosts"]]
     inventory = Inventory((entries, {}))

@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
+from ksm_guard.cli.app import app
 
 runner = CliRunner()
 
@@ -97,7 +97,7 @@ def test_help_does_not_import_pyinfra_or_gevent(argv: list[str]) -> None:
     probe = (
         "import sys\n"
         f"sys.argv = ['ksm-guard', *{argv!r}]\n"
-        "from cli.main import main\n"
+        "from ksm_guard.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print(sorted({'pyinfra', 'gevent', 'paramiko', 'pydantic', 'rich'} & set(sys.modules)))"
     )
@@ -161,7 +161,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_audit_costs_exactly_one_remote_command(sent: list[str]) -> None:
     """Counted at the connector: an audit of one host sends one command, the KsmHost fact."""
-    from operations.facts import KSM_HOST_COMMAND
+    from ksm_guard.operations.facts import KSM_HOST_COMMAND
 
     result = runner.invoke(app, ["audit"])
     assert result.exit_code in (0, 1), result.output
@@ -170,7 +170,7 @@ def test_audit_costs_exactly_one_remote_command(sent: list[str]) -> None:
 
 def test_a_dry_run_reads_the_state_once(sent: list[str]) -> None:
     """unmerge --dry-run: the plan and the report come from the same one read."""
-    from operations.facts import KSM_HOST_COMMAND
+    from ksm_guard.operations.facts import KSM_HOST_COMMAND
 
     result = runner.invoke(app, ["unmerge", "--dry-run"])
     assert result.exit_code in (0, 1), result.output
@@ -212,7 +212,7 @@ def test_serial_and_batch_together_are_a_usage_error() -> None:
 
 def test_a_plan_of_refusals_alone_asks_nothing(write_inventory, monkeypatch) -> None:
     """Nothing would change, only refusals: no prompt; the plan is the result, exit 1."""
-    monkeypatch.setattr("cli.app._interactive", lambda: True)
+    monkeypatch.setattr("ksm_guard.cli.app._interactive", lambda: True)
     inventory = write_inventory("hosts = ['@local']\n")
     result = runner.invoke(app, ["vm-optout", "-i", inventory], input="n\n")
     # Refused hosts alone leave nothing to confirm: the plan is the result, as in a dry run.

@@ -11,7 +11,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from cli.app import app
+from ksm_guard.cli.app import app
 
 runner = CliRunner()
 FACTS = Path(__file__).parent / "facts" / "facts.KsmHost"
@@ -166,7 +166,7 @@ def test_textfile_write_failure_leaves_the_old_file_and_no_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the rename fails, the previous .prom file stays as it was and the temp file is gone."""
-    from cli import prometheus
+    from ksm_guard.cli import prometheus
 
     (tmp_path / "ksm_guard.prom").write_text("old\n")
 

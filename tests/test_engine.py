@@ -6,7 +6,7 @@ import getpass
 
 import pytest
 
-from cli.engine import SudoPasswordRequired, no_password_prompt, stderr_reason
+from ksm_guard.cli.engine import SudoPasswordRequired, no_password_prompt, stderr_reason
 
 
 def test_pyinfra_still_asks_for_sudo_passwords_through_getpass() -> None:
@@ -46,3 +46,18 @@ def test_off_a_terminal_a_sudo_password_prompt_fails_the_host() -> None:
 def test_the_reason_is_the_telling_stderr_line(lines: list[str], reason: str | None) -> None:
     """A failed host's detail is what failed, not the shell's home-directory grumble."""
     assert stderr_reason(lines) == reason
+
+
+@pytest.mark.parametrize("name", ["operations", "cli"])
+def test_the_clone_folders_load_only_under_ksm_guard(name: str) -> None:
+    """Importing operations/ or cli/ by the folder's own name is refused, saying which name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {name}"], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert f"as ksm_guard.{name}, not as {name}" in result.stderr

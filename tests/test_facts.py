@@ -7,7 +7,7 @@ from pyinfra_testing.facts import make_fact_tests
 FACTS = Path(__file__).parent / "facts"
 
 for folder in sorted(FACTS.iterdir()):
-    _case = make_fact_tests("operations", folder.name, folder)
+    _case = make_fact_tests("ksm_guard.operations", folder.name, folder)
     globals()[_case.__name__] = _case
 
 del _case

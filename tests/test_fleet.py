@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from operations.facts import KSM_HOST_COMMAND
+from ksm_guard.cli.app import app
+from ksm_guard.operations.facts import KSM_HOST_COMMAND
 from tests.localssh import LocalSshd, inventory_source, silent_listener, ssh_data
 from tests.vm.harness import free_port
 

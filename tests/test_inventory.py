@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from cli.inventory import InventoryError, make_inventory
+from ksm_guard.cli.app import app
+from ksm_guard.cli.inventory import InventoryError, make_inventory
 from tests.conftest import BIN
 
 runner = CliRunner()

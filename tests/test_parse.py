@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pyinfra.api.exceptions import FactProcessError
 
-from operations.facts import parse_ksm_host
+from ksm_guard.operations.facts import parse_ksm_host
 
 GOOD = yaml.safe_load(
     (Path(__file__).parent / "facts/facts.KsmHost/debian12_ksmtuned_running.yaml").read_text()
@@ -64,7 +64,7 @@ def test_advisor_mode_reads_the_bracketed_choice() -> None:
 
 def test_an_added_section_leaves_captured_output_valid() -> None:
     """A new fact section: old output parses as before (no key); new output carries it."""
-    from operations.facts import Section, host_command
+    from ksm_guard.operations.facts import Section, host_command
 
     probe = Section("probe", "uname -r", lambda lines: lines)
     assert "echo '## probe'; uname -r" in host_command((probe,))

@@ -19,9 +19,9 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.operations import parse_commands
 from pyinfra_testing.util import FakeState, create_host
 
-from operations.model import HostState, Mode, Options
-from operations.modes import OPERATIONS
-from operations.plan import UNMERGE_SCRIPT, HostPlan, plan
+from ksm_guard.operations.model import HostState, Mode, Options
+from ksm_guard.operations.modes import OPERATIONS
+from ksm_guard.operations.plan import UNMERGE_SCRIPT, HostPlan, plan
 
 PLANS = Path(__file__).parent / "plans"
 FACTS = Path(__file__).parent / "facts" / "facts.KsmHost"

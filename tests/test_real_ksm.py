@@ -233,9 +233,9 @@ def test_terminal_confirmation(
     """On a terminal, disable shows the plan and asks; 'n' changes nothing, 'y' goes ahead."""
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from ksm_guard.cli.app import app
 
-    monkeypatch.setattr("cli.app._interactive", lambda: True)
+    monkeypatch.setattr("ksm_guard.cli.app._interactive", lambda: True)
     result = CliRunner().invoke(app, ["disable"], input=f"{answer}\n")
     assert "@local  ksm-running" in result.stderr  # the current verdict
     assert "run: 1 → 0" in result.stderr

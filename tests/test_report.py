@@ -6,8 +6,8 @@ from typing import cast
 import pytest
 import yaml
 
-from operations.model import HostState
-from operations.report import audit_record, human_bytes, verdict
+from ksm_guard.operations.model import HostState
+from ksm_guard.operations.report import audit_record, human_bytes, verdict
 
 FACTS = Path(__file__).parent / "facts/facts.KsmHost"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
-from cli.prometheus import TEXTFILE_NAME, TextfileError, write_textfile
+from ksm_guard.cli.app import app
+from ksm_guard.cli.prometheus import TEXTFILE_NAME, TextfileError, write_textfile
 
 runner = CliRunner()
 OLD = 'ksm_guard_up{host="node1"} 1\n'

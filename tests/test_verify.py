@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from cli.app import app
-from cli.verify import GRACE, SshTarget, unreachable
+from ksm_guard.cli.app import app
+from ksm_guard.cli.verify import GRACE, SshTarget, unreachable
 from tests.localssh import LocalSshd, inventory_source, silent_listener, ssh_data
 from tests.vm.harness import free_port
 

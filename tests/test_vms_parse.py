@@ -10,9 +10,9 @@ import time
 import pytest
 from pyinfra.api.exceptions import FactProcessError
 
-from operations.facts import KSM_HOST_COMMAND
-from operations.report import allow_ksm_supported
-from operations.vms import (
+from ksm_guard.operations.facts import KSM_HOST_COMMAND
+from ksm_guard.operations.report import allow_ksm_supported
+from ksm_guard.operations.vms import (
     parse_cmdline,
     parse_ksm_stat,
     parse_pve_config,
