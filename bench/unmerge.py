@@ -3,26 +3,23 @@
 A workload process maps identical private anonymous pages with ``MADV_MERGEABLE``; ksmd merges
 them (``run=1``, many pages per scan, no sleep); merging then stops (``run=0``, pages stay merged)
 and one of the two unmerges runs, timed from the controller. The local KSM is shared with other
-engineers' tests: every phase that writes ``/sys/kernel/mm/ksm`` holds an exclusive ``flock`` on
-``LOCK_PATH``, and the original ``run``, ``pages_to_scan`` and ``sleep_millisecs`` come back at
-the end, with ``run`` left at 0.
+engineers' tests: every phase that writes ``/sys/kernel/mm/ksm`` holds the lock of
+``tests/localksm.py``, which the real-KSM tests take too, and the original ``run``,
+``pages_to_scan`` and ``sleep_millisecs`` come back at the end, with ``run`` left at 0.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-KSM = Path("/sys/kernel/mm/ksm")
-LOCK_PATH = Path("/tmp/ksm-guard-localksm.lock")
+from tests.localksm import KSM, locked, read, write
+
 PERSIST_PATH = Path("/etc/tmpfiles.d/ksm-guard.conf")
 REPO = Path(__file__).resolve().parents[1]
 WORKLOAD = REPO / "tests" / "vm" / "workload.py"  # run as a script, not imported
@@ -52,32 +49,13 @@ class UnmergeResult:
         return statistics.median(r.seconds for r in self.runs if r.tool == tool)
 
 
-def _read(name: str) -> int:
-    return int((KSM / name).read_text().split()[0])
-
-
-def _write(name: str, value: int) -> None:
-    (KSM / name).write_text(f"{value}\n")
-
-
-@contextlib.contextmanager
-def ksm_lock() -> Iterator[None]:
-    """Hold the machine-wide lock other local-KSM users take before changing sysfs."""
-    with LOCK_PATH.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _merging_pages(pid: int) -> int:
     return int(Path(f"/proc/{pid}/ksm_merging_pages").read_text())
 
 
 def _merge(pid: int, want: int) -> int:
     """Run ksmd until the workload has ``want`` merged pages or stops gaining; then stop it."""
-    _write("run", 1)
+    write("run", 1)
     deadline = time.monotonic() + MERGE_TIMEOUT_S
     best, since = 0, time.monotonic()
     while time.monotonic() < deadline:
@@ -89,7 +67,7 @@ def _merge(pid: int, want: int) -> int:
         elif time.monotonic() - since > 5:
             break  # no progress for 5 s
         time.sleep(0.2)
-    _write("run", 0)  # merging stops; the merged pages stay merged
+    write("run", 0)  # merging stops; the merged pages stay merged
     return _merging_pages(pid)
 
 
@@ -126,27 +104,27 @@ def measure_unmerge(mib: int = 288, repetitions: int = 3) -> UnmergeResult:
         if workload.stdout is None or workload.stdout.readline().strip() != "ready":
             raise RuntimeError("the KSM workload did not start")
         waiting = time.perf_counter()
-        with ksm_lock():
+        with locked():
             lock_wait = time.perf_counter() - waiting
-            saved = {name: _read(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
+            saved = {name: read(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
             try:
-                _write("pages_to_scan", 100000)
-                _write("sleep_millisecs", 0)
+                write("pages_to_scan", 100000)
+                write("sleep_millisecs", 0)
                 for _ in range(repetitions):
                     for tool, argv in (("echo 2", bare), ("ksm-guard unmerge", ours)):
                         merged = _merge(workload.pid, want)
-                        sharing = _read("pages_sharing")
+                        sharing = read("pages_sharing")
                         seconds = _timed(argv)
                         left = _merging_pages(workload.pid)
                         runs.append(UnmergeRun(tool, seconds, merged, sharing, left))
-                    _write("run", 0)  # nothing merged now: ksm-guard has only its fixed work
-                    merged, sharing = _merging_pages(workload.pid), _read("pages_sharing")
+                    write("run", 0)  # nothing merged now: ksm-guard has only its fixed work
+                    merged, sharing = _merging_pages(workload.pid), read("pages_sharing")
                     seconds = _timed(ours)
                     runs.append(UnmergeRun(NOTHING_MERGED, seconds, merged, sharing, merged))
             finally:
-                _write("run", 0)
-                _write("sleep_millisecs", saved["sleep_millisecs"])
-                _write("pages_to_scan", saved["pages_to_scan"])
+                write("run", 0)
+                write("sleep_millisecs", saved["sleep_millisecs"])
+                write("pages_to_scan", saved["pages_to_scan"])
                 if not persist_existed:
                     PERSIST_PATH.unlink(missing_ok=True)  # ksm-guard's boot persistence
     finally:

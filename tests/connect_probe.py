@@ -1,6 +1,7 @@
 """
-``python -m tests.connect_probe SPEC``: call ``cli.connect.connect_hosts`` in a process patched
-by gevent, as the ``ksm-guard`` console script is, and print what came of it as JSON.
+``python -m tests.connect_probe SPEC``: call ``ksm_guard.cli.connect.connect_hosts`` in a
+process patched by gevent, as the ``ksm-guard`` console script is; print what came of it as
+JSON.
 
 SPEC is JSON: ``{"hosts": [[name, data], ...], "timeout": 2, "parallel": 0}``.
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from ksm_guard.cli.app import app
 from ksm_guard.operations.facts import KSM_HOST_COMMAND
 from tests.localssh import LocalSshd, inventory_source, silent_listener, ssh_data
+from tests.results import hosts_of
 from tests.vm.harness import free_port
 
 runner = CliRunner()
@@ -66,17 +66,13 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield highest
 
 
-def _hosts(output: str) -> dict[str, dict[str, Any]]:
-    return {host["host"]: host for host in json.loads(output)["hosts"]}
-
-
 def test_audit_sends_exactly_one_command_per_host_over_ssh(
     fleet: str, on_the_wire: list[tuple[int, str]], local_sshd: LocalSshd
 ) -> None:
     """Counted at paramiko: five hosts, five commands, each the KsmHost read, nothing else."""
     result = runner.invoke(app, ["audit", "-i", fleet, "--output", "json"])
     assert result.exit_code in (0, 1), result.output
-    assert sorted(_hosts(result.stdout)) == sorted(NAMES)
+    assert sorted(hosts_of(result)) == sorted(NAMES)
     sent = [(port, shlex.split(command)) for port, command in on_the_wire]
     assert sent == [(local_sshd.port, ["sh", "-c", KSM_HOST_COMMAND])] * len(NAMES)
 
@@ -110,7 +106,7 @@ def test_dead_hosts_are_unreachable_and_the_others_finish(fleet_with_dead_hosts:
     result = runner.invoke(
         app, ["audit", "-i", fleet_with_dead_hosts, "--connect-timeout", "2", "--output", "json"]
     )
-    hosts = _hosts(result.stdout)
+    hosts = hosts_of(result)
     assert result.exit_code == 3
     assert (hosts["closed"]["verdict"], hosts["hung"]["verdict"]) == ("unreachable",) * 2
     assert hosts["alive1"]["audit"] is not None and hosts["alive2"]["audit"] is not None
@@ -140,4 +136,4 @@ def test_a_refused_host_stops_the_rollout_after_its_batch(
     inventory = write_inventory(inventory_source(hosts))
     result = runner.invoke(app, ["disable", "-y", "-i", inventory, "-o", "json", *options])
     assert result.exit_code == 1, result.output
-    assert [h["status"] for h in _hosts(result.stdout).values()] == statuses
+    assert [h["status"] for h in hosts_of(result).values()] == statuses

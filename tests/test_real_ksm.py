@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -12,15 +11,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import BIN
+from tests.localksm import KSM, locked, read, write
 from tests.localssh import LocalSshd, inventory_source
+from tests.results import hosts_of
 
-KSM = Path("/sys/kernel/mm/ksm")
-LOCK = Path("/tmp/ksm-guard-localksm.lock")
 WORKLOAD = Path(__file__).parent / "vm" / "workload.py"
 MIB = 64
 
@@ -38,15 +36,6 @@ def figures(text: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", text)
 
 
-def read(name: str) -> int:
-    """A KSM counter or knob, read straight from sysfs (not through ksm-guard)."""
-    return int((KSM / name).read_text())
-
-
-def write(name: str, value: int) -> None:
-    (KSM / name).write_text(f"{value}\n")
-
-
 def ksm_guard(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the installed console script, as an admin would."""
     return subprocess.run(
@@ -61,33 +50,33 @@ def merged_pages() -> Iterator[int]:
     Yields the workload's pid. Afterwards the process is gone, nothing is left merged (with ksmd
     stopped, an exited process's KSM pages stay counted until an unmerge) and run reads 0.
     """
-    lock = LOCK.open("w")  # the kernel's KSM is one for the machine: one test run at a time
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    knobs = {name: read(name) for name in ("pages_to_scan", "sleep_millisecs")}
-    write("run", 2)  # start from nothing merged
-    write("run", 0)
-    workload = subprocess.Popen(
-        [sys.executable, str(WORKLOAD), str(MIB), "", "600"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert workload.stdout is not None and workload.stdout.readline().strip() == "ready"
-        write("pages_to_scan", 10000)
-        write("sleep_millisecs", 10)
-        write("run", 1)
-        deadline = time.monotonic() + 60
-        while read("pages_sharing") < MIB * 256 // 2:
-            assert time.monotonic() < deadline, f"ksmd merged only {read('pages_sharing')} pages"
-            time.sleep(0.2)
-        yield workload.pid
-    finally:
-        workload.kill()
-        workload.wait(timeout=30)
+    with locked():  # the kernel's KSM is one for the machine: one user at a time
+        knobs = {name: read(name) for name in ("pages_to_scan", "sleep_millisecs")}
+        write("run", 2)  # start from nothing merged
         write("run", 0)
-        write("run", 2)
-        write("run", 0)
-        for name, value in knobs.items():
-            write(name, value)
-        lock.close()
+        workload = subprocess.Popen(
+            [sys.executable, str(WORKLOAD), str(MIB), "", "600"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert workload.stdout is not None and workload.stdout.readline().strip() == "ready"
+            write("pages_to_scan", 10000)
+            write("sleep_millisecs", 10)
+            write("run", 1)
+            deadline = time.monotonic() + 60
+            while read("pages_sharing") < MIB * 256 // 2:
+                assert time.monotonic() < deadline, (
+                    f"ksmd merged only {read('pages_sharing')} pages"
+                )
+                time.sleep(0.2)
+            yield workload.pid
+        finally:
+            workload.kill()
+            workload.wait(timeout=30)
+            write("run", 0)
+            write("run", 2)
+            write("run", 0)
+            for name, value in knobs.items():
+                write(name, value)
 
 
 def test_audit_sees_ksm_running_and_saved_bytes(merged_pages: int) -> None:
@@ -249,7 +238,7 @@ def test_terminal_confirmation(
 
 def test_ctrl_c_at_the_prompt_exits_130_and_changes_nothing(merged_pages: int) -> None:
     """On a real terminal (a pty), Ctrl-C at the prompt: exit 130, one line, run stays 1."""
-    import fcntl as fcntl_
+    import fcntl
     import select
     import termios
 
@@ -257,7 +246,7 @@ def test_ctrl_c_at_the_prompt_exits_130_and_changes_nothing(merged_pages: int) -
 
     def controlling_terminal() -> None:
         os.setsid()
-        fcntl_.ioctl(slave, termios.TIOCSCTTY, 0)
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
     child = subprocess.Popen(
         [str(BIN / "ksm-guard"), "disable"],
@@ -298,15 +287,11 @@ def three_names(local_sshd: LocalSshd, tmp_path: Path):
     return write
 
 
-def _by_host(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
-    return {host["host"]: host for host in json.loads(result.stdout)["hosts"]}
-
-
 def test_rolling_unmerge_goes_one_host_at_a_time(merged_pages: int, three_names) -> None:
     """Batch of one: a unmerges (with its figures), then b, then c find nothing left; in order."""
     sharing = read("pages_sharing")
     result = ksm_guard("unmerge", "--yes", "-i", three_names(), "--progress", "--output", "json")
-    hosts = _by_host(result)
+    hosts = hosts_of(result)
     assert result.returncode == 0, result.stderr
     assert [hosts[name]["status"] for name in "abc"] == ["changed", "ok", "ok"]
     figures = hosts["a"]["unmerge"]
@@ -336,7 +321,7 @@ def test_continue_on_error_goes_past_a_refused_host(merged_pages: int, three_nam
     result = ksm_guard(
         "unmerge", "--yes", "--continue-on-error", "-i", inventory, "--output", "json"
     )
-    hosts = _by_host(result)
+    hosts = hosts_of(result)
     assert result.returncode == 1
     assert [hosts[name]["status"] for name in "abc"] == ["refused", "changed", "ok"]
     assert "ksm_max_fraction" in str(hosts["a"]["detail"])

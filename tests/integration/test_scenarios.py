@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BIN
+from tests.results import hosts_of
 from tests.vm.harness import Guest, free_port, write_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,15 +25,6 @@ def ksm_guard(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[s
         [str(BIN / "ksm-guard"), *args], capture_output=True, text=True, timeout=timeout,
         check=False, cwd=ROOT,
     )  # fmt: skip
-
-
-def hosts_of(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
-    """The JSON result's hosts by name."""
-    try:
-        document = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"no JSON on stdout (exit {result.returncode}): {result.stderr}")
-    return {host["host"]: host for host in document["hosts"]}
 
 
 def inventory(tmp_path: Path, *entries: Any, extra: tuple[Any, ...] = ()) -> str:

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BIN
-from tests.integration.test_scenarios import ROOT, hosts_of, ksm_guard
+from tests.integration.test_scenarios import ROOT, ksm_guard
+from tests.results import hosts_of
 from tests.vm.harness import WORKLOAD_SCRIPT, Guest, VmSession, write_inventory
 
 QM_STAND_IN = Path(__file__).with_name("qm_stand_in.py")
