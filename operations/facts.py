@@ -20,7 +20,7 @@ from .model import (
     Persist,
     Unit,
 )
-from .vms import VMS_COMMAND, parse_qemu_server, parse_vms
+from .vms import VMS_COMMAND, parse_error, parse_int, parse_qemu_server, parse_vms
 
 __all__ = ["KSM_DIR", "KSM_HOST_COMMAND", "PERSIST_PATH", "RUN_PATH", "UNITS", "KsmHost"]
 
@@ -89,32 +89,21 @@ def host_command(extensions: tuple[Section, ...] = EXTENSIONS) -> str:
 KSM_HOST_COMMAND = host_command()
 
 
-def _fail(line: str, why: str) -> FactProcessError:
-    return FactProcessError(f"ksm-guard cannot parse {why}: {line!r}")
-
-
-def _parse_int(text: str, line: str, why: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise _fail(line, why) from None
-
-
 def _parse_ksm_line(line: str, ksm: Ksm) -> None:
     prefix = f"{KSM_DIR}/"
     if not line.startswith(prefix) or ":" not in line:
-        raise _fail(line, "a KSM sysfs line")
+        raise parse_error(line, "a KSM sysfs line")
     name, _, value = line[len(prefix) :].partition(":")
     if "/" in name or not name:
-        raise _fail(line, "a KSM sysfs line")
+        raise parse_error(line, "a KSM sysfs line")
     if name in _TEXT_FILES:
         # advisor_mode reads like "[none] scan-time": the bracketed word is in force.
         chosen = [word[1:-1] for word in value.split() if word.startswith("[")]
         if len(chosen) != 1:
-            raise _fail(line, f"KSM {name}")
+            raise parse_error(line, f"KSM {name}")
         ksm[name] = chosen[0]
     elif name in _INT_FILES:
-        ksm[name] = _parse_int(value, line, f"KSM {name}")
+        ksm[name] = parse_int(value, line, f"KSM {name}")
     else:
         try:
             ksm[name] = int(value)
@@ -125,16 +114,16 @@ def _parse_ksm_line(line: str, ksm: Ksm) -> None:
 def _parse_unit_line(line: str, units: dict[str, dict[str, str]], current: list[str]) -> None:
     key, sep, value = line.partition("=")
     if not sep:
-        raise _fail(line, "a systemctl show line")
+        raise parse_error(line, "a systemctl show line")
     if key == "Id":
         if value not in UNITS:
-            raise _fail(line, "a systemctl unit id")
+            raise parse_error(line, "a systemctl unit id")
         current[:] = [value]
         units[value] = {}
         return
     field = {"LoadState": "load", "ActiveState": "active", "UnitFileState": "unit_file"}.get(key)
     if field is None or not current:
-        raise _fail(line, "a systemctl show line")
+        raise parse_error(line, "a systemctl show line")
     units[current[0]][field] = value
 
 
@@ -161,7 +150,7 @@ def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIO
             section = line[3:]
             known = (*_SECTIONS, *(extension.name for extension in extensions))
             if section not in known or section in seen:
-                raise _fail(line, "a section marker")
+                raise parse_error(line, "a section marker")
             seen.append(section)
             continue
         if section in extra or (section not in _SECTIONS and section is not None):
@@ -172,19 +161,19 @@ def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIO
         elif section == "meta":
             key, sep, value = line.partition("=")
             if not sep or key not in ("uid", "pagesize"):
-                raise _fail(line, "a host meta line")
-            meta[key] = _parse_int(value, line, key)
+                raise parse_error(line, "a host meta line")
+            meta[key] = parse_int(value, line, key)
         elif section == "meminfo":
             key, _, rest = line.partition(":")
             parts = rest.split()
             if key not in ("MemTotal", "MemAvailable") or len(parts) != 2 or parts[1] != "kB":
-                raise _fail(line, "a /proc/meminfo line")
-            meminfo[key] = _parse_int(parts[0], line, key) * 1024
+                raise parse_error(line, "a /proc/meminfo line")
+            meminfo[key] = parse_int(parts[0], line, key) * 1024
         elif section == "ksm":
             if line == "absent" and ksm == {}:
                 ksm = None
             elif ksm is None:
-                raise _fail(line, "KSM output after 'absent'")
+                raise parse_error(line, "KSM output after 'absent'")
             else:
                 _parse_ksm_line(line, ksm)
         elif section == "units":
@@ -195,12 +184,12 @@ def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIO
         elif section == "persist":
             states: tuple[Persist, ...] = get_args(Persist)
             if persist is not None or line not in states:
-                raise _fail(line, "the persistence state")
+                raise parse_error(line, "the persistence state")
             persist = states[states.index(line)]
         elif section == "vms":
             vm_lines.append(line)
         else:
-            raise _fail(line, "a line outside any section")
+            raise parse_error(line, "a line outside any section")
 
     missing = [name for name in _SECTIONS if name not in seen]
     if missing:
@@ -268,8 +257,7 @@ class KsmHost(FactBase[HostState]):
                  "merged_pages": 16320, "merged_bytes": 66846720, "ksm_zero_pages": None,
                  "mem_merge": True, "allow_ksm": False, "restart_pending": True},
             ],
-            "pve_configs": {"100": {"name": "web1", "allow_ksm": False,
-                                    "allow_ksm_pending": True}},
+            "pve_configs": {"100": {"name": "web1", "allow_ksm": False}},
         }
     """
 

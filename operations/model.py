@@ -75,7 +75,6 @@ class PveConfig(TypedDict):
 
     name: str | None
     allow_ksm: bool  # what the VM starts with next
-    allow_ksm_pending: bool  # a changed value waits in [PENDING]
 
 
 class Vm(TypedDict):

@@ -40,15 +40,17 @@ _PIDFILE = re.compile(re.escape(PVE_PID_DIR) + r"/(\d+)\.pid:(.*)")
 _CONF = re.compile(re.escape(PVE_CONF_DIR) + r"/(\d+)\.conf:(.*)")
 
 
-def _fail(line: str, why: str) -> FactProcessError:
+def parse_error(line: str, why: str) -> FactProcessError:
+    """The error for an output line that is not what the fact command prints."""
     return FactProcessError(f"ksm-guard cannot parse {why}: {line!r}")
 
 
-def _int(text: str, line: str, why: str) -> int:
+def parse_int(text: str, line: str, why: str) -> int:
+    """``text`` as an integer, or the parse error for ``line``."""
     try:
         return int(text.strip())
     except ValueError:
-        raise _fail(line, why) from None
+        raise parse_error(line, why) from None
 
 
 def parse_qemu_server(value: str, line: str) -> str | None:
@@ -58,7 +60,7 @@ def parse_qemu_server(value: str, line: str) -> str | None:
     status, sep, version = value.partition("|")
     status = status.strip()
     if not sep or not re.fullmatch(r"[a-zA-Z]{2,3}", status):
-        raise _fail(line, "the qemu-server package state")
+        raise parse_error(line, "the qemu-server package state")
     if status[1] != "i" or not version.strip():
         return None  # removed, half-installed, or only its config files left
     return version.strip()
@@ -70,7 +72,7 @@ def _bool(text: str, line: str) -> bool:
         return True
     if value in ("0", "off", "no", "false"):
         return False
-    raise _fail(line, "a Proxmox VE boolean")
+    raise parse_error(line, "a Proxmox VE boolean")
 
 
 def parse_pve_config(lines: list[str]) -> PveConfig:
@@ -79,8 +81,7 @@ def parse_pve_config(lines: list[str]) -> PveConfig:
 
     Only the main section and ``[PENDING]`` count: snapshots (``[name]``) and other special
     sections are ignored. ``allow_ksm`` is what the VM starts with next (the pending value when
-    there is one; ``True``, qemu-server's default, when unset); ``allow_ksm_pending`` says that a
-    changed value waits in ``[PENDING]`` for the next start.
+    there is one; ``True``, qemu-server's default, when unset).
     """
     main: dict[str, str] = {}
     pending: dict[str, str] = {}
@@ -91,12 +92,12 @@ def parse_pve_config(lines: list[str]) -> PveConfig:
             continue
         if text.startswith("["):
             if not text.endswith("]"):
-                raise _fail(line, "a Proxmox VE config section")
+                raise parse_error(line, "a Proxmox VE config section")
             target = pending if text == "[PENDING]" else None
             continue
         key, sep, value = text.partition(":")
         if not sep or not key:
-            raise _fail(line, "a Proxmox VE config line")
+            raise parse_error(line, "a Proxmox VE config line")
         if target is not None:
             target[key.strip()] = value.strip()
     deleted = {item.strip() for item in pending.get("delete", "").split(",") if item.strip()}
@@ -111,7 +112,6 @@ def parse_pve_config(lines: list[str]) -> PveConfig:
     return {
         "name": main.get("name") or None,
         "allow_ksm": upcoming,
-        "allow_ksm_pending": upcoming != current,
     }
 
 
@@ -145,11 +145,11 @@ def parse_ksm_stat(lines: list[str]) -> dict[str, Any]:
         key, _, value = line.strip().partition(" ")
         key = key.removesuffix(":")
         if not re.fullmatch(r"[a-z_]+", key) or not value.strip():
-            raise _fail(line, "a /proc/PID/ksm_stat line")
+            raise parse_error(line, "a /proc/PID/ksm_stat line")
         if key in _STAT_TEXT:
             stat[key] = value.strip()
         else:
-            stat[key] = _int(value, line, f"ksm_stat {key}")
+            stat[key] = parse_int(value, line, f"ksm_stat {key}")
     return stat
 
 
@@ -173,19 +173,19 @@ def parse_vms(lines: list[str], page_size: int) -> tuple[list[Vm], dict[str, Pve
             elif what == "cmdline":
                 proc["cmdline"] = value
             elif what == "ksm_merging_pages":
-                proc["merging"] = _int(value, line, "/proc/PID/ksm_merging_pages")
+                proc["merging"] = parse_int(value, line, "/proc/PID/ksm_merging_pages")
             else:
                 proc["stat"].append(value)
             continue
         match = _PIDFILE.fullmatch(line)
         if match:
-            pidfiles[_int(match.group(2), line, "a qemu-server pid file")] = match.group(1)
+            pidfiles[parse_int(match.group(2), line, "a qemu-server pid file")] = match.group(1)
             continue
         match = _CONF.fullmatch(line)
         if match:
             conf_lines.setdefault(match.group(1), []).append(match.group(2))
             continue
-        raise _fail(line, "a VM line")
+        raise parse_error(line, "a VM line")
 
     configs = {
         vmid: parse_pve_config(text) for vmid, text in sorted(conf_lines.items(), key=_by_id)

@@ -248,3 +248,25 @@ def test_vm_optout_on_old_qemu_server_is_refused(write_inventory) -> None:
     assert host["status"] == "refused"
     assert "qemu-server 8.3.14 has no allow-ksm (needs 9.0.27 or later" in host["detail"]
     assert "vm-optout not supported" in result.stderr
+
+
+def test_a_reloading_unit_is_active_in_the_metrics_as_in_the_verdict() -> None:
+    """systemd's ``reloading`` counts as running for the gauge and for the verdict alike."""
+    from ksm_guard.cli import prometheus
+    from ksm_guard.cli.engine import HostResult, RunResult
+    from ksm_guard.operations.model import Mode, Status
+    from ksm_guard.operations.report import audit_record
+
+    facts = Path(__file__).parent / "facts/facts.KsmHost/masked_and_persisted.yaml"
+    state = yaml.safe_load(facts.read_text())["fact"]
+    state["units"]["ksmtuned.service"].update(unit_file="disabled", active="reloading")
+    audit = audit_record(state)
+    result = RunResult(Mode.AUDIT, False, [HostResult("n1", Status.OK, audit=audit)])
+    samples = {
+        sample.labels.get("unit"): sample.value
+        for family in text_string_to_metric_families(prometheus.render(result))
+        if family.name == "ksm_guard_unit_active"
+        for sample in family.samples
+    }
+    assert audit["verdict"] == "service-enabled"
+    assert samples == {"ksmtuned.service": 1.0, "ksm.service": 0.0}

@@ -24,19 +24,19 @@ from ksm_guard.operations.vms import (
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        (["name: web1"], {"name": "web1", "allow_ksm": True, "allow_ksm_pending": False}),
+        (["name: web1"], {"name": "web1", "allow_ksm": True}),
         (["allow-ksm: 0", "name: db"],
-         {"name": "db", "allow_ksm": False, "allow_ksm_pending": False}),
+         {"name": "db", "allow_ksm": False}),
         # a snapshot's allow-ksm and name belong to the snapshot, not the VM
         (["name: a", "[pre-upgrade]", "allow-ksm: 0", "name: b"],
-         {"name": "a", "allow_ksm": True, "allow_ksm_pending": False}),
+         {"name": "a", "allow_ksm": True}),
         # set while running: qemu-server keeps it in [PENDING] until the next start
         (["name: a", "[PENDING]", "allow-ksm: 0"],
-         {"name": "a", "allow_ksm": False, "allow_ksm_pending": True}),
+         {"name": "a", "allow_ksm": False}),
         (["allow-ksm: 0", "[PENDING]", "delete: allow-ksm,net1"],
-         {"name": None, "allow_ksm": True, "allow_ksm_pending": True}),
+         {"name": None, "allow_ksm": True}),
         (["allow-ksm: 1", "[special:cloudinit]", "allow-ksm: 0"],
-         {"name": None, "allow_ksm": True, "allow_ksm_pending": False}),
+         {"name": None, "allow_ksm": True}),
     ],
 )  # fmt: skip
 def test_pve_config(lines: list[str], expected: dict[str, object]) -> None:
