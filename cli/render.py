@@ -134,8 +134,15 @@ def _notes(result: RunResult) -> list[str]:
 
 
 def _summary(result: RunResult) -> str:
+    """``3 host(s): 2 compliant, 1 ksm-running; 1 would change, 1 refused, 1 ok; exit 1``."""
     counts = result.summary()
     what = ", ".join(f"{count} {verdict}" for verdict, count in sorted(counts.items()))
+    if result.mode is not Mode.AUDIT:
+        statuses: dict[str, int] = {}
+        for host in result.hosts:
+            label = _LABELS.get(host.status, host.status.value)
+            statuses[label] = statuses.get(label, 0) + 1
+        what += "; " + ", ".join(f"{count} {label}" for label, count in statuses.items())
     return f"{len(result.hosts)} host(s): {what}; exit {result.exit_code}"
 
 
