@@ -86,17 +86,20 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
         text += f"; {len(plan.moves)} move(s), {human_bytes(moved)}"
     if plan.outcome is Outcome.IMPOSSIBLE:
         short = [host for host in hosts if not host.safe_after]
-        lacking = ", ".join(
-            f"{host.host} {human_bytes(host.missing)}" if host.missing is not None else host.host
-            for host in short
-        )
-        text += (
-            f"; the fleet cannot absorb it: {human_bytes(plan.missing)} of RAM missing ({lacking})"
-        )
+        lacking = [f"{h.host} {human_bytes(h.missing)}" for h in short if h.missing is not None]
+        blocked = [host.host for host in short if host.missing is None]
+        if lacking:
+            text += (
+                f"; the fleet cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
+                f"({', '.join(lacking)})"
+            )
+        if blocked:
+            text += f"; settings block unmerge on {', '.join(blocked)}"
     elif plan.moves:
         text += ": every host safe after the moves"
     else:
-        text += ": every host safe, no moves needed"
+        read = " read" if plan.unread else ""
+        text += f": every host{read} safe, no moves needed"
     return f"{text}; exit {code}"
 
 

@@ -523,7 +523,9 @@ def hosts_from_document(document: object) -> list[HostInput]:
             blocked = str(refusal.get("reason") or "bad ksm-guard settings")
         detail = _text(entry, "detail", where)
         if audit is None:
-            found.append(HostInput(name, None, detail or str(entry.get("verdict") or "no audit")))
+            verdict = _text(entry, "verdict", where)
+            reason = ": ".join(part for part in (verdict, detail) if part) or "no audit"
+            found.append(HostInput(name, None, reason))
             continue
         host_load(name, audit, blocked, f"{where}.audit")  # checked now: one line, exit 2
         found.append(HostInput(name, audit, detail, blocked))
