@@ -139,7 +139,6 @@ class HostCapacity:
     """One host's figures now and after the proposed moves."""
 
     load: HostLoad
-    min_headroom: float
     now: Memory
     after: Memory
     reasons_now: tuple[str, ...]
@@ -314,6 +313,7 @@ class _Fleet:
         self.out: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
         self.into: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
         self.moves: list[Move] = []
+        self.room: dict[str, int] = {}
 
     def memory(self, host: str, leaving: Sequence[VmLoad] = ()) -> Memory:
         return after_moves(self.loads[host], [*self.out[host], *leaving], self.into[host])
@@ -322,16 +322,18 @@ class _Fleet:
         return unsafe_reasons(self.loads[host], self.memory(host, leaving), self.min_headroom)
 
     def rooms(self, targets: Sequence[str]) -> list[tuple[int, str]]:
-        """Each target's room, least first."""
-        return sorted(
-            (room_bytes(self.loads[name], self.memory(name), self.min_headroom), name)
-            for name in targets
-        )
+        """Each target's room, least first (kept until a move changes that target)."""
+        for name in targets:
+            if name not in self.room:
+                load = self.loads[name]
+                self.room[name] = room_bytes(load, self.memory(name), self.min_headroom)
+        return sorted((self.room[name], name) for name in targets)
 
     def move(self, vm: VmLoad, source: str, target: str) -> None:
         self.out[source].append(vm)
         self.into[target].append(vm)
         self.moves.append(Move(vm, source, target))
+        self.room.pop(target, None)
 
     def undo(self, source: str) -> None:
         """Take back every move off ``source``."""
@@ -339,6 +341,7 @@ class _Fleet:
             self.out[source].remove(move.vm)
             self.into[move.target].remove(move.vm)
             self.moves.remove(move)
+            self.room.pop(move.target, None)
 
     def relieve(self, source: str, targets: Sequence[str]) -> bool:
         """
@@ -408,7 +411,6 @@ def plan_capacity(
         figures.append(
             HostCapacity(
                 load=load,
-                min_headroom=min_headroom,
                 now=now,
                 after=after,
                 reasons_now=unsafe_reasons(load, now, min_headroom),

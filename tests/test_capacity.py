@@ -25,6 +25,7 @@ from ksm_guard.operations.capacity import (
     CapacityInputError,
     CapacityPlan,
     HostInput,
+    Outcome,
     hosts_from_document,
     plan_capacity,
 )
@@ -124,19 +125,61 @@ def test_unmerge_refuses_exactly_the_hosts_whose_preflight_fails(path: Path) -> 
         assert refused_as_unsafe(state_of(audit), host.load.max_fraction) == preflight, host.host
 
 
-@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
-def test_moves_only_shift_memory(path: Path) -> None:
+def assert_moves_only_shift_memory(capacity: CapacityPlan) -> None:
     """
     What is left after the unmerge, summed over the fleet, is the same with and without the
-    moves; targets were safe before and stay safe; a host never takes in and sends off both.
+    moves; targets were safe before and stay safe; a host never takes in and sends off both;
+    a VM moves once, off its own host; every host is safe after the moves unless impossible.
     """
-    capacity, _, _ = planned(path)
     assert sum(h.after.left for h in capacity.hosts) == sum(h.now.left for h in capacity.hosts)
     sources = {move.source for move in capacity.moves}
     by_name = {host.host: host for host in capacity.hosts}
     for move in capacity.moves:
         assert move.target not in sources
         assert by_name[move.target].safe_now and by_name[move.target].safe_after
+        assert move.vm in by_name[move.source].load.vms
+    moved = [(move.source, move.vm.pid) for move in capacity.moves]
+    assert len(moved) == len(set(moved))
+    unsafe = [host for host in capacity.hosts if not host.safe_after]
+    assert bool(unsafe) == (capacity.outcome is Outcome.IMPOSSIBLE)
+    assert all(host.missing is None or host.missing > 0 for host in unsafe)
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_moves_only_shift_memory(path: Path) -> None:
+    """The fixtures' moves keep the fleet's memory and leave targets safe."""
+    assert_moves_only_shift_memory(planned(path)[0])
+
+
+def _random_fleet(rng: random.Random) -> list[HostInput]:
+    gib = 1 << 30
+    hosts = []
+    for number in range(rng.randrange(1, 12)):
+        total = rng.choice([32, 64, 128, 256]) * gib
+        vms = [
+            {"pid": pid, "vmid": str(100 + pid), "name": None,
+             "merged_bytes": rng.randrange(0, 4 * gib, 4096),
+             "ksm_zero_pages": rng.choice([None, 0, rng.randrange(0, 1 << 18)]),
+             "rss_bytes": rng.choice([None, rng.randrange(gib // 2, 32 * gib, 4096)]),
+             "configured_bytes": rng.choice([None, rng.randrange(1, 32) * gib])}
+            for pid in range(rng.randrange(0, 12))
+        ]  # fmt: skip
+        audit = {
+            "mem_total_bytes": total, "page_size": 4096,
+            "mem_available_bytes": rng.randrange(0, total, 4096),
+            "unmerge_need_bytes": rng.randrange(0, total // 2, 4096),
+            "pages_shared": rng.randrange(0, 1 << 20),
+            "unmerge_max_fraction": rng.choice([0.5, 0.9, 0.25]), "vms": vms,
+        }  # fmt: skip
+        hosts.append(HostInput(f"h{number}", cast(dict[str, object], audit)))
+    return hosts
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_fleets_keep_the_promises(seed: int) -> None:
+    """Random fleets: the moves only shift memory, and targets end safe."""
+    rng = random.Random(seed)
+    assert_moves_only_shift_memory(plan_capacity(_random_fleet(rng), rng.choice([0, 0.1, 0.2])))
 
 
 def _random_state(rng: random.Random, base: HostState) -> tuple[HostState, float]:
