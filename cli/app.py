@@ -398,3 +398,85 @@ def verify(
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None
     raise typer.Exit(code)
+
+
+PLAN_EXIT_CODES = (
+    "Exit codes: 0 every host can switch KSM off and unmerge safely as it is; 1 VMs must move "
+    "first, or the fleet cannot absorb it (RAM missing); 2 usage error (bad option, unreadable "
+    "--from file, missing or broken inventory); 3 a host was unreachable or its state could "
+    "not be read (the others are still planned)."
+)
+
+
+class PlanOutput(StrEnum):
+    table = "table"
+    json = "json"
+
+
+def _headroom(value: float) -> float:
+    if not 0 <= value < 1:
+        raise typer.BadParameter(f"{value} is not in the range 0 <= x < 1")
+    return value
+
+
+@app.command(epilog=PLAN_EXIT_CODES)
+def plan(
+    ctx: typer.Context,
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    from_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            dir_okay=False,
+            allow_dash=True,
+            help="Plan from a saved 'ksm-guard audit -o json' (- for stdin); contact no host.",
+        ),
+    ] = None,
+    min_headroom: Annotated[
+        float,
+        typer.Option(
+            "--min-headroom",
+            callback=lambda value: _headroom(value),
+            help="Share of each host's RAM that must stay available after the unmerge.",
+        ),
+    ] = 0.10,
+    max_fraction: MaxFractionOpt = None,
+    output: Annotated[
+        PlanOutput, typer.Option("--output", "-o", help="Result format.")
+    ] = PlanOutput.table,
+    parallel: ParallelOpt = 0,
+    sudo: SudoOpt = False,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """
+    What switching KSM off costs each host and the cluster, and which VMs to move first so that
+    every host can unmerge safely. Reads each host once, as audit does; changes nothing.
+    """
+    from ksm_guard.operations.capacity import plan_capacity
+
+    from . import capacity, capacity_render
+    from .engine import EXIT_USAGE, UsageError
+
+    try:
+        if from_file is None:
+            hosts = capacity.read_fleet(
+                inventory=inventory, limit=limit or [], parallel=parallel, sudo=sudo,
+                max_fraction=max_fraction, connect_timeout=connect_timeout,
+                echo=_err if verbose else None,
+            )  # fmt: skip
+        elif getattr(ctx.get_parameter_source("inventory"), "name", None) == "COMMANDLINE":
+            raise UsageError("--from and --inventory exclude each other: the file is the fleet")
+        else:
+            hosts = capacity.read_file(from_file, limit or [])
+    except UsageError as error:
+        _err(f"ksm-guard: {error}")
+        raise typer.Exit(EXIT_USAGE) from None
+    result = plan_capacity(hosts, min_headroom, max_fraction)
+    code = capacity.exit_code(result)
+    render = capacity_render.as_json if output is PlanOutput.json else capacity_render.table
+    typer.echo(render(result, code))
+    for host in result.unread:
+        _err(f"ksm-guard: {host.host}: {host.detail}")
+    raise typer.Exit(code)

@@ -34,3 +34,19 @@ def local_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSshd]:
     daemon = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every command the @local connector runs, recorded as it is sent."""
+    from pyinfra.connectors.local import LocalConnector
+
+    commands: list[str] = []
+    original = LocalConnector.run_shell_command
+
+    def counting(self, command, *args, **kwargs):  # type: ignore[no-untyped-def]
+        commands.append(str(command))
+        return original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(LocalConnector, "run_shell_command", counting)
+    return commands

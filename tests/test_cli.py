@@ -91,7 +91,9 @@ def test_negative_batch_is_a_usage_error() -> None:
     assert "--batch" in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["audit", "--help"], ["unmerge", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["audit", "--help"], ["unmerge", "--help"], ["plan", "--help"]]
+)
 def test_help_does_not_import_pyinfra_or_gevent(argv: list[str]) -> None:
     """Help is answered from typer alone: the engine's heavy imports stay unloaded."""
     probe = (
@@ -141,22 +143,6 @@ def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.startswith("ksm-guard ")
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every command the @local connector runs, recorded as it is sent."""
-    from pyinfra.connectors.local import LocalConnector
-
-    commands: list[str] = []
-    original = LocalConnector.run_shell_command
-
-    def counting(self, command, *args, **kwargs):  # type: ignore[no-untyped-def]
-        commands.append(str(command))
-        return original(self, command, *args, **kwargs)
-
-    monkeypatch.setattr(LocalConnector, "run_shell_command", counting)
-    return commands
 
 
 def test_audit_costs_exactly_one_remote_command(sent: list[str]) -> None:

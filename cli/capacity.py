@@ -1,0 +1,79 @@
+"""``ksm-guard plan``: the fleet's audits in (a live read or a saved file), the plan out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from fnmatch import fnmatch
+from pathlib import Path
+
+from ksm_guard.operations.capacity import (
+    CapacityInputError,
+    CapacityPlan,
+    HostInput,
+    Outcome,
+    hosts_from_document,
+)
+from ksm_guard.operations.model import Mode
+from ksm_guard.operations.plan import RefusalCode
+
+from .engine import EXIT_NONCOMPLIANT, EXIT_OK, EXIT_UNREACHABLE, Request, RunResult, UsageError
+
+
+def exit_code(plan: CapacityPlan) -> int:
+    """3 when a host could not be read, else 1 when moves are needed or impossible, else 0."""
+    if plan.unread:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if plan.outcome is Outcome.SAFE else EXIT_NONCOMPLIANT
+
+
+def inputs_from_run(result: RunResult) -> list[HostInput]:
+    """Each host of an audit run: its audit, or why it has none; bad settings block a host."""
+    inputs = []
+    for host in result.hosts:
+        refusal = host.refusal
+        blocked = refusal.reason if refusal and refusal.code is RefusalCode.BAD_SETTINGS else None
+        detail = host.detail if host.audit is not None else f"{host.verdict}: {host.detail}"
+        inputs.append(HostInput(host.host, host.audit, detail, blocked))
+    return inputs
+
+
+def read_fleet(
+    *,
+    inventory: str,
+    limit: list[str],
+    parallel: int,
+    sudo: bool,
+    max_fraction: float | None,
+    connect_timeout: int,
+    echo: Callable[[str], None] | None,
+) -> list[HostInput]:
+    """Read every host once, as ``audit`` does (one remote command each); change nothing."""
+    from .engine import run
+
+    request = Request(
+        mode=Mode.AUDIT,
+        inventory=inventory,
+        limit=limit,
+        parallel=parallel,
+        sudo=sudo,
+        max_fraction=max_fraction,
+        connect_timeout=connect_timeout,
+    )
+    return inputs_from_run(run(request, echo=echo))
+
+
+def read_file(path: Path, limit: list[str]) -> list[HostInput]:
+    """The hosts of a saved ``-o json`` result (``-``: stdin), those matching ``limit`` if any."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+        hosts = hosts_from_document(json.loads(text))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CapacityInputError) as error:
+        raise UsageError(f"cannot plan from {path}: {error}") from None
+    if not limit:
+        return hosts
+    kept = [host for host in hosts if any(fnmatch(host.host, glob) for glob in limit)]
+    if not kept:
+        raise UsageError(f"--limit {' '.join(limit)} matches no host of {path}")
+    return kept

@@ -1,0 +1,210 @@
+"""Turn a ``CapacityPlan`` into the table or the JSON document ``ksm-guard plan`` prints."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ksm_guard.operations.capacity import (
+    CapacityPlan,
+    HostCapacity,
+    HostInput,
+    Memory,
+    Move,
+    Outcome,
+)
+from ksm_guard.operations.report import human_bytes
+
+from .render import _columns
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole * 100:.1f}%" if whole else "-"
+
+
+def _left(memory: Memory, mem_total: int) -> str:
+    return f"{human_bytes(memory.left)} ({_share(memory.left, mem_total)})"
+
+
+def _configured(host: HostCapacity) -> str:
+    """Configured VM memory and its ratio to RAM; ``+2?``: two VMs do not say theirs."""
+    if not host.load.vms:
+        return "-"
+    if host.overcommit is None:
+        return f"? ({len(host.load.vms)} VMs)"
+    unknown = f" +{host.vm_configured_unknown}?" if host.vm_configured_unknown else ""
+    return f"{human_bytes(host.vm_configured)}{unknown} ({host.overcommit:.2f}x)"
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _row(host: HostCapacity | HostInput, moves: bool) -> list[str]:
+    if isinstance(host, HostInput):
+        return [host.host, *["-"] * (9 if moves else 7)]
+    row = [
+        host.host,
+        human_bytes(host.load.mem_total),
+        human_bytes(host.now.available),
+        human_bytes(host.now.need),
+        f"{human_bytes(host.now.need)} / {human_bytes(host.allowed)}",
+        _left(host.now, host.load.mem_total),
+        _configured(host),
+        _yes(host.safe_now),
+    ]
+    if moves:
+        row += [_left(host.after, host.load.mem_total), _yes(host.safe_after)]
+    return row
+
+
+def move_line(move: Move) -> str:
+    """``VM 101 (db1): pve-a1 → pve-b1, 12.0 GiB (rss; 3.0 GiB merged)``."""
+    vm = move.vm
+    merged = vm.merged_bytes + vm.zero_bytes
+    return (
+        f"{vm.label}: {move.source} → {move.target}, {human_bytes(move.size_bytes)} "
+        f"({vm.size_source}; {human_bytes(merged)} merged)"
+    )
+
+
+def summary_line(plan: CapacityPlan, code: int) -> str:
+    """The cluster in one line: RAM, what KSM saves, what is left after unmerge, the moves."""
+    hosts = plan.hosts
+    total = sum(host.load.mem_total for host in hosts)
+    left = sum(host.now.left for host in hosts)
+    unsafe = sum(not host.safe_now for host in hosts)
+    unread = f", {len(plan.unread)} unread" if plan.unread else ""
+    text = (
+        f"cluster: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
+        f"RAM {human_bytes(total)}, available {human_bytes(sum(h.now.available for h in hosts))}, "
+        f"KSM saves {human_bytes(sum(h.now.need for h in hosts))}; after unmerge "
+        f"{human_bytes(left)} ({_share(left, total)}) available"
+    )
+    moved = sum(move.size_bytes for move in plan.moves)
+    if plan.moves:
+        text += f"; {len(plan.moves)} move(s), {human_bytes(moved)}"
+    if plan.outcome is Outcome.IMPOSSIBLE:
+        short = [host for host in hosts if not host.safe_after]
+        lacking = [f"{h.host} {human_bytes(h.missing)}" for h in short if h.missing is not None]
+        blocked = [host.host for host in short if host.missing is None]
+        if lacking:
+            text += (
+                f"; the fleet cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
+                f"({', '.join(lacking)})"
+            )
+        if blocked:
+            text += f"; settings block unmerge on {', '.join(blocked)}"
+    elif plan.moves:
+        text += ": every host safe after the moves"
+    else:
+        read = " read" if plan.unread else ""
+        text += f": every host{read} safe, no moves needed"
+    return f"{text}; exit {code}"
+
+
+def table(plan: CapacityPlan, code: int) -> str:
+    """One row per host, the moves, why hosts are unsafe, then the cluster line."""
+    moves = bool(plan.moves)
+    header = ["HOST", "RAM", "AVAILABLE", "KSM SAVED", "NEED / ALLOWED", "LEFT AFTER UNMERGE"]
+    header += ["VM CONFIGURED", "SAFE"]
+    if moves:
+        header += ["LEFT AFTER MOVES", "SAFE AFTER"]
+    lines = _columns([header] + [_row(host, moves) for host in plan.in_order()])
+    if moves:
+        lines += ["", "moves (once disable has stopped merging everywhere, before unmerge):"]
+        lines += [f"  {move_line(move)}" for move in plan.moves]
+    notes = []
+    for host in plan.hosts:
+        if not host.safe_now:
+            notes.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
+        if not host.safe_after and moves:
+            missing = "" if host.missing is None else f", {human_bytes(host.missing)} missing"
+            notes.append(f"{host.host}: still unsafe after the moves{missing}")
+    notes += [f"{host.host}: {host.detail}" for host in plan.unread]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join([*lines, "", summary_line(plan, code)])
+
+
+def _figures(memory: Memory, host: HostCapacity) -> dict[str, Any]:
+    return {
+        "mem_available_bytes": memory.available,
+        "unmerge_need_bytes": memory.need,
+        "unmerge_allowed_bytes": int(memory.available * host.load.max_fraction),
+        "available_after_unmerge_bytes": memory.left,
+        "headroom_after_unmerge": round(memory.left / host.load.mem_total, 4),
+    }
+
+
+def _capacity(host: HostCapacity) -> dict[str, Any]:
+    return {
+        "mem_total_bytes": host.load.mem_total,
+        "saved_bytes": host.now.need,
+        "unmerge_max_fraction": host.load.max_fraction,
+        **_figures(host.now, host),
+        "vm_configured_bytes": host.vm_configured,
+        "vms_configured_unknown": host.vm_configured_unknown,
+        "overcommit": None if host.overcommit is None else round(host.overcommit, 4),
+        "safe": host.safe_now,
+        "reasons": list(host.reasons_now),
+        "after_moves": {
+            "moved_out_bytes": host.moved_out,
+            "moved_in_bytes": host.moved_in,
+            **_figures(host.after, host),
+            "safe": host.safe_after,
+            "reasons": list(host.reasons_after),
+            "missing_bytes": host.missing,
+        },
+    }
+
+
+def _move(move: Move) -> dict[str, Any]:
+    vm = move.vm
+    return {
+        "vmid": vm.vmid,
+        "name": vm.name,
+        "pid": vm.pid,
+        "from": move.source,
+        "to": move.target,
+        "bytes": move.size_bytes,
+        "size_from": vm.size_source,
+        "rss_bytes": vm.rss_bytes,
+        "configured_bytes": vm.configured_bytes,
+        "merged_bytes": vm.merged_bytes + vm.zero_bytes,
+    }
+
+
+def as_json(plan: CapacityPlan, code: int) -> str:
+    """The ``plan -o json`` document (``schema_version`` 1)."""
+    from .engine import SCHEMA_VERSION
+
+    hosts = plan.hosts
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "mode": "plan",
+        "exit_code": code,
+        "outcome": plan.outcome,
+        "min_headroom": plan.min_headroom,
+        "summary": {
+            "hosts": len(hosts) + len(plan.unread),
+            "unread": len(plan.unread),
+            "safe": sum(host.safe_now for host in hosts),
+            "safe_after_moves": sum(host.safe_after for host in hosts),
+            "mem_total_bytes": sum(host.load.mem_total for host in hosts),
+            "mem_available_bytes": sum(host.now.available for host in hosts),
+            "saved_bytes": sum(host.now.need for host in hosts),
+            "available_after_unmerge_bytes": sum(host.now.left for host in hosts),
+            "moves": len(plan.moves),
+            "moved_bytes": sum(move.size_bytes for move in plan.moves),
+            "missing_bytes": plan.missing,
+        },
+        "hosts": [
+            {"host": host.host, "detail": host.detail, "capacity": None}
+            if isinstance(host, HostInput)
+            else {"host": host.host, "detail": None, "capacity": _capacity(host)}
+            for host in plan.in_order()
+        ],
+        "moves": [_move(move) for move in plan.moves],
+    }
+    return json.dumps(document, indent=2)
