@@ -1,17 +1,22 @@
-"""Shared helpers: inventories written for a test, and the installed console scripts."""
+"""Shared helpers: inventories written for a test, the installed console scripts, merged pages."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.localksm import locked, read, write
 from tests.localssh import SSHD, LocalSshd, start_sshd
 
 BIN = Path(sys.executable).parent
+WORKLOAD = Path(__file__).parent / "vm" / "workload.py"
+MIB = 64  # merged by the merged_pages fixture
 
 
 @pytest.fixture
@@ -50,3 +55,46 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(LocalConnector, "run_shell_command", counting)
     return commands
+
+
+def ksm_guard(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script, as an admin would."""
+    return subprocess.run(
+        [str(BIN / "ksm-guard"), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+@pytest.fixture
+def merged_pages() -> Iterator[int]:
+    """A process holding identical MADV_MERGEABLE pages, merged by a running ksmd.
+
+    Yields the workload's pid. Afterwards the process is gone, nothing is left merged (with ksmd
+    stopped, an exited process's KSM pages stay counted until an unmerge) and run reads 0.
+    """
+    with locked():  # the kernel's KSM is one for the machine: one user at a time
+        knobs = {name: read(name) for name in ("pages_to_scan", "sleep_millisecs")}
+        write("run", 2)  # start from nothing merged
+        write("run", 0)
+        workload = subprocess.Popen(
+            [sys.executable, str(WORKLOAD), str(MIB), "", "600"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert workload.stdout is not None and workload.stdout.readline().strip() == "ready"
+            write("pages_to_scan", 10000)
+            write("sleep_millisecs", 10)
+            write("run", 1)
+            deadline = time.monotonic() + 60
+            while read("pages_sharing") < MIB * 256 // 2:
+                assert time.monotonic() < deadline, (
+                    f"ksmd merged only {read('pages_sharing')} pages"
+                )
+                time.sleep(0.2)
+            yield workload.pid
+        finally:
+            workload.kill()
+            workload.wait(timeout=30)
+            write("run", 0)
+            write("run", 2)
+            write("run", 0)
+            for name, value in knobs.items():
+                write(name, value)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ksm_guard
 from tests.results import hosts_of
-from tests.test_real_ksm import ksm_guard, merged_pages  # noqa: F401  (the fixture)
 from tests.test_real_ksm import pytestmark as real_ksm
 
 pytestmark = [*real_ksm, pytest.mark.usefixtures("merged_pages")]
