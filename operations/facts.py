@@ -11,6 +11,7 @@ from pyinfra.api.exceptions import FactProcessError
 
 from .model import (
     KSM_DIR,
+    KSM_RUN_VALUES,
     PERSIST_LINE,
     PERSIST_PATH,
     RUN_PATH,
@@ -104,6 +105,10 @@ def _parse_ksm_line(line: str, ksm: Ksm) -> None:
         ksm[name] = chosen[0]
     elif name in _INT_FILES:
         ksm[name] = parse_int(value, line, f"KSM {name}")
+        if name == "run" and ksm[name] not in KSM_RUN_VALUES:
+            # Not a value mm/ksm.c can show (0, 1, 2, each maybe with the offline bit 4): a
+            # kernel with another meaning for run must not be judged by the old one.
+            raise parse_error(line, "KSM run (mm/ksm.c shows 0, 1, 2, 4, 5 or 6)")
     else:
         try:
             ksm[name] = int(value)

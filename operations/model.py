@@ -10,6 +10,19 @@ DEFAULT_MAX_FRACTION = 0.5
 
 KSM_DIR = "/sys/kernel/mm/ksm"
 RUN_PATH = f"{KSM_DIR}/run"
+# The bits of /sys/kernel/mm/ksm/run (Linux mm/ksm.c, KSM_RUN_*; read at torvalds/linux
+# bf4b87e84591): run_store() takes 0, 1 or 2 only; ksm_memory_callback() ORs KSM_RUN_OFFLINE in
+# while memory is going offline (MEM_GOING_OFFLINE) and clears it afterwards, and run_show()
+# prints the whole word. So run reads 0, 1, 2, 4, 5 or 6, and ksmd merges when the MERGE bit is
+# set (ksmd_should_run: ksm_run & KSM_RUN_MERGE), offline bit or not.
+KSM_RUN_MERGE = 1
+KSM_RUN_UNMERGE = 2
+KSM_RUN_OFFLINE = 4
+KSM_RUN_VALUES = frozenset(
+    mode | offline
+    for mode in (0, KSM_RUN_MERGE, KSM_RUN_UNMERGE)
+    for offline in (0, KSM_RUN_OFFLINE)
+)
 UNITS = ("ksmtuned.service", "ksm.service")
 PERSIST_PATH = "/etc/tmpfiles.d/ksm-guard.conf"
 PERSIST_LINE = f"w {RUN_PATH} - - - - 0"

@@ -31,6 +31,8 @@ from .report import (
     counter,
     human_bytes,
     merged_page_count,
+    merging,
+    offlining,
     unit_active,
     unit_enabled,
     unit_label,
@@ -43,7 +45,8 @@ from .report import (
 # interrupt the synchronous write, and the counters prove the result afterwards.
 UNMERGE_SCRIPT = """\
 f="$1"
-if [ "$(cat "$f/run")" = 2 ]; then echo 0 > "$f/run" || exit 1; fi
+r=$(cat "$f/run") || exit 1
+if [ $((r & 2)) -ne 0 ]; then echo 0 > "$f/run" || exit 1; fi
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
   systemd-run --quiet --wait --collect --service-type=oneshot \\
     --description='ksm-guard unmerge' sh -c 'echo 2 > "$1"' ksm-guard-unmerge "$f/run"
@@ -229,13 +232,22 @@ def units_on(state: HostState) -> PartPlan:
 
 
 def merging_stopped(state: HostState) -> PartPlan:
-    """Write ``run=0`` when ``run`` reads 1: ksmd stops; merged pages stay merged."""
+    """
+    Write ``run=0`` when ``run`` has the MERGE bit (1, or 5 while memory goes offline): ksmd
+    stops; merged pages stay merged. With the offline bit the kernel's run_store() waits for the
+    memory offlining to end before it takes the write.
+    """
     ksm = state["ksm"]
     if ksm is None:
         return PartPlan(Part.MERGING, noop=f"kernel has no KSM ({KSM_DIR} is absent)")
-    if ksm["run"] != 1:
+    if not merging(ksm):
         return PartPlan(Part.MERGING, noop=f"KSM merging is stopped (run={ksm['run']})")
-    step = Step(Part.MERGING, "run: 1 → 0", (Command(("echo", "0"), stdout_to=RUN_PATH),))
+    waits = " (memory is going offline: the write waits until that ends)" if offlining(ksm) else ""
+    step = Step(
+        Part.MERGING,
+        f"run: {ksm['run']} → 0{waits}",
+        (Command(("echo", "0"), stdout_to=RUN_PATH),),
+    )
     return _changing(Part.MERGING, state, [step], "")
 
 
