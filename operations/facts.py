@@ -240,7 +240,9 @@ class KsmHost(FactBase[HostState]):
     """
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
     units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
-    VMs with their merged pages (Proxmox VE: VMID, name and ``allow-ksm`` from the configs).
+    VMs with their merged pages, resident and configured memory (Proxmox VE: VMID, name,
+    ``allow-ksm``, lock, template and memory from the configs). One VM's unreadable files give
+    that VM an ``error``; they never fail the fact.
 
     .. code:: python
 
@@ -260,9 +262,13 @@ class KsmHost(FactBase[HostState]):
             "vms": [
                 {"pid": 4242, "vmid": "100", "name": "web1", "uuid": None,
                  "merged_pages": 16320, "merged_bytes": 66846720, "ksm_zero_pages": None,
-                 "mem_merge": True, "allow_ksm": False, "restart_pending": True},
+                 "mem_merge": True, "allow_ksm": False, "restart_pending": True,
+                 "rss_bytes": 1887449088, "configured_bytes": 2147483648, "error": None},
             ],
-            "pve_configs": {"100": {"name": "web1", "allow_ksm": False}},
+            "pve_configs": {
+                "100": {"name": "web1", "allow_ksm": False, "lock": None, "template": False,
+                        "configured_bytes": 2147483648, "error": None},
+            },
         }
     """
 

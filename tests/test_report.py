@@ -30,6 +30,7 @@ def _fact(name: str) -> HostState:
         ("bare_vm_captured", "compliant"),
         ("debian_vm_masked_non_root_captured", "ksm-running"),
         ("run_5_memory_offlining", "ksm-running"),
+        ("pve9_one_odd_vm", "ksm-running"),
     ],
 )
 def test_verdict(fixture: str, expected: str) -> None:
