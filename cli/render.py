@@ -91,7 +91,10 @@ def _flag(value: bool | None) -> str:
 
 
 def vm_table(result: RunResult) -> list[str]:
-    """One row per running VM of every host, the most exposed first; then VMs to restart."""
+    """
+    One row per running VM of every host, the most exposed first; then the VMs to restart, and
+    what of a VM's files could not be read (its ``error``).
+    """
     vms = [(host.host, vm) for host in result.hosts if host.audit for vm in host.audit["vms"]]
     vms.sort(key=lambda item: exposure_order(item[1]))
     header = ["HOST", "VMID", "NAME", "PID", "MERGED", "ALLOW-KSM", "RESTART PENDING"]
@@ -113,6 +116,11 @@ def vm_table(result: RunResult) -> list[str]:
         pending = [vm["vmid"] or str(vm["pid"]) for vm in vms_of_host if vm["restart_pending"]]
         if pending:
             lines.append(f"{host.host}: stop/start VM {', '.join(pending)} for allow-ksm to apply")
+        lines += [
+            f"{host.host}: VM {vm['vmid'] or vm['pid']} partly unread: {vm['error']}"
+            for vm in vms_of_host
+            if vm.get("error")
+        ]
     return lines
 
 

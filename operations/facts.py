@@ -11,6 +11,7 @@ from pyinfra.api.exceptions import FactProcessError
 
 from .model import (
     KSM_DIR,
+    KSM_RUN_VALUES,
     PERSIST_LINE,
     PERSIST_PATH,
     RUN_PATH,
@@ -104,6 +105,10 @@ def _parse_ksm_line(line: str, ksm: Ksm) -> None:
         ksm[name] = chosen[0]
     elif name in _INT_FILES:
         ksm[name] = parse_int(value, line, f"KSM {name}")
+        if name == "run" and ksm[name] not in KSM_RUN_VALUES:
+            # Not a value mm/ksm.c can show (0, 1, 2, each maybe with the offline bit 4): a
+            # kernel with another meaning for run must not be judged by the old one.
+            raise parse_error(line, "KSM run (mm/ksm.c shows 0, 1, 2, 4, 5 or 6)")
     else:
         try:
             ksm[name] = int(value)
@@ -235,7 +240,9 @@ class KsmHost(FactBase[HostState]):
     """
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
     units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
-    VMs with their merged pages (Proxmox VE: VMID, name and ``allow-ksm`` from the configs).
+    VMs with their merged pages, resident and configured memory (Proxmox VE: VMID, name,
+    ``allow-ksm``, lock, template and memory from the configs). One VM's unreadable files give
+    that VM an ``error``; they never fail the fact.
 
     .. code:: python
 
@@ -255,9 +262,13 @@ class KsmHost(FactBase[HostState]):
             "vms": [
                 {"pid": 4242, "vmid": "100", "name": "web1", "uuid": None,
                  "merged_pages": 16320, "merged_bytes": 66846720, "ksm_zero_pages": None,
-                 "mem_merge": True, "allow_ksm": False, "restart_pending": True},
+                 "mem_merge": True, "allow_ksm": False, "restart_pending": True,
+                 "rss_bytes": 1887449088, "configured_bytes": 2147483648, "error": None},
             ],
-            "pve_configs": {"100": {"name": "web1", "allow_ksm": False}},
+            "pve_configs": {
+                "100": {"name": "web1", "allow_ksm": False, "lock": None, "template": False,
+                        "configured_bytes": 2147483648, "error": None},
+            },
         }
     """
 

@@ -10,6 +10,19 @@ DEFAULT_MAX_FRACTION = 0.5
 
 KSM_DIR = "/sys/kernel/mm/ksm"
 RUN_PATH = f"{KSM_DIR}/run"
+# The bits of /sys/kernel/mm/ksm/run (Linux mm/ksm.c, KSM_RUN_*; read at torvalds/linux
+# bf4b87e84591): run_store() takes 0, 1 or 2 only; ksm_memory_callback() ORs KSM_RUN_OFFLINE in
+# while memory is going offline (MEM_GOING_OFFLINE) and clears it afterwards, and run_show()
+# prints the whole word. So run reads 0, 1, 2, 4, 5 or 6, and ksmd merges when the MERGE bit is
+# set (ksmd_should_run: ksm_run & KSM_RUN_MERGE), offline bit or not.
+KSM_RUN_MERGE = 1
+KSM_RUN_UNMERGE = 2
+KSM_RUN_OFFLINE = 4
+KSM_RUN_VALUES = frozenset(
+    mode | offline
+    for mode in (0, KSM_RUN_MERGE, KSM_RUN_UNMERGE)
+    for offline in (0, KSM_RUN_OFFLINE)
+)
 UNITS = ("ksmtuned.service", "ksm.service")
 PERSIST_PATH = "/etc/tmpfiles.d/ksm-guard.conf"
 PERSIST_LINE = f"w {RUN_PATH} - - - - 0"
@@ -71,10 +84,17 @@ class Unit(TypedDict):
 
 
 class PveConfig(TypedDict):
-    """What a Proxmox VE VM config says about KSM."""
+    """
+    What a Proxmox VE VM config (``/etc/pve/qemu-server/<vmid>.conf``) says about KSM and memory,
+    read as qemu-server 9.2.6 reads it (its main section and ``[PENDING]``).
+    """
 
     name: str | None
-    allow_ksm: bool  # what the VM starts with next
+    allow_ksm: bool  # whether the VM starts with KSM allowed next (allow-ksm and args combined)
+    lock: str | None  # qemu-server's lock (backup, migrate, snapshot, suspended, ...); None: none
+    template: bool  # ``template: 1``
+    configured_bytes: int | None  # ``memory`` (MiB, default 512); None: unreadable
+    error: str | None  # what of this VM's config or pid file could not be read; None: all read
 
 
 class Vm(TypedDict):
@@ -87,9 +107,12 @@ class Vm(TypedDict):
     merged_pages: int | None
     merged_bytes: int | None
     ksm_zero_pages: int | None
-    mem_merge: bool
+    mem_merge: bool | None  # QEMU's mem-merge as the process runs; None: unreadable
     allow_ksm: bool | None
     restart_pending: bool
+    rss_bytes: int | None  # VmRSS of /proc/PID/status; None: unreadable
+    configured_bytes: int | None  # the most the VM can use: config memory, else QEMU's -m
+    error: str | None  # what of this VM's files could not be read; None: all read
 
 
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.

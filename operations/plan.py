@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .model import (
@@ -31,6 +31,8 @@ from .report import (
     counter,
     human_bytes,
     merged_page_count,
+    merging,
+    offlining,
     unit_active,
     unit_enabled,
     unit_label,
@@ -43,7 +45,8 @@ from .report import (
 # interrupt the synchronous write, and the counters prove the result afterwards.
 UNMERGE_SCRIPT = """\
 f="$1"
-if [ "$(cat "$f/run")" = 2 ]; then echo 0 > "$f/run" || exit 1; fi
+r=$(cat "$f/run") || exit 1
+if [ $((r & 2)) -ne 0 ]; then echo 0 > "$f/run" || exit 1; fi
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
   systemd-run --quiet --wait --collect --service-type=oneshot \\
     --description='ksm-guard unmerge' sh -c 'echo 2 > "$1"' ksm-guard-unmerge "$f/run"
@@ -80,6 +83,7 @@ class RefusalCode(StrEnum):
     UNSAFE_UNMERGE = "unsafe-unmerge"
     NOT_PROXMOX = "not-proxmox"
     NO_ALLOW_KSM = "qemu-server-too-old"
+    VM_LOCKED = "vm-locked"  # every VM vm-optout would change is locked
     BAD_SETTINGS = "bad-settings"
 
 
@@ -229,13 +233,22 @@ def units_on(state: HostState) -> PartPlan:
 
 
 def merging_stopped(state: HostState) -> PartPlan:
-    """Write ``run=0`` when ``run`` reads 1: ksmd stops; merged pages stay merged."""
+    """
+    Write ``run=0`` when ``run`` has the MERGE bit (1, or 5 while memory goes offline): ksmd
+    stops; merged pages stay merged. With the offline bit the kernel's run_store() waits for the
+    memory offlining to end before it takes the write.
+    """
     ksm = state["ksm"]
     if ksm is None:
         return PartPlan(Part.MERGING, noop=f"kernel has no KSM ({KSM_DIR} is absent)")
-    if ksm["run"] != 1:
+    if not merging(ksm):
         return PartPlan(Part.MERGING, noop=f"KSM merging is stopped (run={ksm['run']})")
-    step = Step(Part.MERGING, "run: 1 → 0", (Command(("echo", "0"), stdout_to=RUN_PATH),))
+    waits = " (memory is going offline: the write waits until that ends)" if offlining(ksm) else ""
+    step = Step(
+        Part.MERGING,
+        f"run: {ksm['run']} → 0{waits}",
+        (Command(("echo", "0"), stdout_to=RUN_PATH),),
+    )
     return _changing(Part.MERGING, state, [step], "")
 
 
@@ -314,7 +327,12 @@ def _vm_label(vmid: str, name: str | None) -> str:
 
 
 def vms_opted_out(state: HostState, vmids: tuple[int, ...] = ()) -> PartPlan:
-    """Proxmox VE 9: ``qm set <vmid> --allow-ksm 0`` on the VMs (all, or ``vmids``)."""
+    """
+    Proxmox VE 9: ``qm set <vmid> --allow-ksm 0`` on the VMs (all, or ``vmids``). A locked VM
+    (config ``lock:``) is left as it is and named in the last step's line; when every VM to opt
+    out is locked, the part is refused (``vm-locked``): a refusal stops the whole host's plan, so
+    it is kept for when nothing else could change.
+    """
     version = state["qemu_server"]
     if version is None:
         return PartPlan(
@@ -352,9 +370,14 @@ def vms_opted_out(state: HostState, vmids: tuple[int, ...] = ()) -> PartPlan:
         )
     running = {vm["vmid"]: vm for vm in state["vms"] if vm["vmid"]}
     restart = [vmid for vmid in wanted if vmid in running and running[vmid]["mem_merge"]]
+    # qemu-server's check_lock makes qm set fail on a locked VM (a backup, migration, snapshot,
+    # suspend in progress): such VMs are left as they are and named; the others still change.
+    change = [vmid for vmid in wanted if configs[vmid]["allow_ksm"]]
+    locked = [vmid for vmid in change if configs[vmid].get("lock")]
+    held = ", ".join(f"{vmid} (lock: {configs[vmid].get('lock')})" for vmid in locked)
     steps = []
-    for vmid in wanted:
-        if not configs[vmid]["allow_ksm"]:
+    for vmid in change:
+        if vmid in locked:
             continue
         after = "; runs with KSM until a stop/start" if vmid in restart else ""
         steps.append(
@@ -364,6 +387,19 @@ def vms_opted_out(state: HostState, vmids: tuple[int, ...] = ()) -> PartPlan:
                 (Command(("qm", "set", vmid, "--allow-ksm", "0")),),
             )
         )
+    if locked and not steps:
+        return PartPlan(
+            Part.VM_OPTOUT,
+            refusal=Refusal(
+                RefusalCode.VM_LOCKED,
+                f"vm-optout refused: qm set fails on a locked VM, and every VM to opt out is "
+                f"locked: VM {held}; run it again once that task has ended{not_here}",
+                {"locked_vms": len(locked)},
+            ),
+        )
+    if locked:
+        last = steps[-1]
+        steps[-1] = replace(last, change=f"{last.change}; left as is, locked: VM {held}")
     waiting = f"; VMs needing a stop/start: {', '.join(restart)}" if restart else ""
     noop = f"allow-ksm is 0 on VM {', '.join(wanted)}{waiting}{not_here}"
     return _changing(Part.VM_OPTOUT, state, steps, noop)

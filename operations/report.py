@@ -8,6 +8,8 @@ from typing import TypedDict
 from .model import (
     ALLOW_KSM_SINCE,
     DEFAULT_MAX_FRACTION,
+    KSM_RUN_MERGE,
+    KSM_RUN_OFFLINE,
     UNITS,
     HostState,
     Ksm,
@@ -88,6 +90,18 @@ def counter(ksm: Ksm | None, name: str) -> int:
     return value if isinstance(value, int) else 0
 
 
+def merging(ksm: Ksm | None) -> bool:
+    """ksmd merges: ``run`` has the MERGE bit (1, or 5 while memory goes offline)."""
+    run = (ksm or {}).get("run")
+    return isinstance(run, int) and bool(run & KSM_RUN_MERGE)
+
+
+def offlining(ksm: Ksm | None) -> bool:
+    """Memory is going offline (``run`` has bit 4): a write to ``run`` waits until it is done."""
+    run = (ksm or {}).get("run")
+    return isinstance(run, int) and bool(run & KSM_RUN_OFFLINE)
+
+
 def merged_page_count(ksm: Ksm | None) -> int:
     """Pages still merged: KSM pages, their extra sharers and merged zero pages."""
     return sum(counter(ksm, name) for name in ("pages_shared", "pages_sharing", "ksm_zero_pages"))
@@ -132,7 +146,7 @@ def verdict(state: HostState) -> Verdict:
     ksm = state.get("ksm")
     if ksm is None:
         return Verdict.UNSUPPORTED
-    if ksm.get("run") == 1:
+    if merging(ksm):
         return Verdict.KSM_RUNNING
     units = state.get("units") or {}
     if any(unit_enabled(units.get(u)) or unit_active(units.get(u)) for u in UNITS):

@@ -89,7 +89,7 @@ def test_audit_json_carries_the_vm_records(pve_inventory: str) -> None:
     ]  # fmt: skip
     assert set(audit["vms"][0]) == {
         "pid", "vmid", "name", "uuid", "merged_pages", "merged_bytes", "ksm_zero_pages",
-        "mem_merge", "allow_ksm", "restart_pending",
+        "mem_merge", "allow_ksm", "restart_pending", "rss_bytes", "configured_bytes", "error",
     }  # fmt: skip
 
 

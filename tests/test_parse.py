@@ -38,6 +38,21 @@ def test_garbage_raises_naming_the_line(output: list[str], named: str) -> None:
         parse_ksm_host(output)
 
 
+@pytest.mark.parametrize("run", [3, 7, 8, 12, -1])
+def test_run_values_mm_ksm_never_shows_are_garbage(run: int) -> None:
+    """run_store() takes 0-2 and the hot-remove notifier adds bit 4: anything else is refused."""
+    with pytest.raises(FactProcessError, match=f"run:{run}"):
+        parse_ksm_host(_with("/sys/kernel/mm/ksm/run:1", f"/sys/kernel/mm/ksm/run:{run}"))
+
+
+@pytest.mark.parametrize("run", [0, 1, 2, 4, 5, 6])
+def test_every_run_value_mm_ksm_shows_parses_raw(run: int) -> None:
+    """0, 1, 2 and the same with the offline bit (4, 5, 6) are kept as the raw number."""
+    ksm = parse_ksm_host(_with("/sys/kernel/mm/ksm/run:1", f"/sys/kernel/mm/ksm/run:{run}"))["ksm"]
+    assert ksm is not None
+    assert ksm["run"] == run
+
+
 def test_missing_section_is_named() -> None:
     """Output cut short names the missing sections."""
     cut = GOOD[: GOOD.index("## units")]

@@ -29,11 +29,31 @@ def _fact(name: str) -> HostState:
         ("pve_vm_captured", "ksm-running"),
         ("bare_vm_captured", "compliant"),
         ("debian_vm_masked_non_root_captured", "ksm-running"),
+        ("run_5_memory_offlining", "ksm-running"),
+        ("pve9_one_odd_vm", "ksm-running"),
     ],
 )
 def test_verdict(fixture: str, expected: str) -> None:
     """Each captured host state maps to its documented verdict."""
     assert verdict(_fact(fixture)) == expected
+
+
+@pytest.mark.parametrize(
+    ("run", "expected"),
+    [(0, "merged-pages-remain"), (1, "ksm-running"), (2, "merged-pages-remain"),
+     (4, "merged-pages-remain"), (5, "ksm-running"), (6, "merged-pages-remain")],
+)  # fmt: skip
+def test_verdict_reads_the_merge_bit_of_run(run: int, expected: str) -> None:
+    """
+    Every value mm/ksm.c can show in run (0-2, with the offline bit 4 while memory goes offline):
+    ksmd merges when the MERGE bit (1) is set, so 5 is running and 4 and 6 are not. The units are
+    off here, and pages stay merged, so a stopped KSM reads merged-pages-remain.
+    """
+    fact = _fact("masked_and_persisted")
+    assert fact["ksm"] is not None
+    fact["ksm"].update(run=run, pages_shared=64, pages_sharing=16320)
+    assert verdict(fact) == expected
+    assert audit_record(fact)["run"] == run  # the JSON keeps the raw number
 
 
 def test_enabled_unit_with_run_0_is_service_enabled() -> None:
