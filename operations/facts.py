@@ -9,6 +9,7 @@ from typing import cast, get_args
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .evidence import EVIDENCE_COMMAND, parse_evidence
 from .model import (
     KSM_DIR,
     PERSIST_LINE,
@@ -51,8 +52,9 @@ class Section:
     parse: Callable[[list[str]], object]
 
 
-# Sections added after the core ones, in the order they run (none yet).
-EXTENSIONS: tuple[Section, ...] = ()
+# Sections added after the core ones, in the order they run: ``evidence`` says which host
+# answered and when (hostname, kernel, machine and boot ids, SSH host key fingerprints).
+EXTENSIONS: tuple[Section, ...] = (Section("evidence", EVIDENCE_COMMAND, parse_evidence),)
 
 # Each section starts with a marker line, so that every output line is accounted for.
 CORE_COMMAND = "; ".join(
@@ -258,6 +260,13 @@ class KsmHost(FactBase[HostState]):
                  "mem_merge": True, "allow_ksm": False, "restart_pending": True},
             ],
             "pve_configs": {"100": {"name": "web1", "allow_ksm": False}},
+            # Present when the output has the section (operations/evidence.py):
+            "evidence": {"time": "2025-03-01T08:15:00Z", "hostname": "pve1",
+                         "kernel": "6.8.12-8-pve", "machine_id": "3d12...",
+                         "boot_id": "6512...", "ssh_keygen": True,
+                         "host_keys": [{"path": "/etc/ssh/ssh_host_ed25519_key.pub", "bits": 256,
+                                        "fingerprint": "SHA256:tTkR...", "comment": "root@pve1",
+                                        "type": "ED25519"}]},
         }
     """
 
