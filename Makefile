@@ -23,7 +23,7 @@ test-unit: $(STAMP) test-deps
 
 ## test-real: this machine's own kernel KSM (needs root and /sys/kernel/mm/ksm)
 test-real: $(STAMP) test-deps
-	$(PYTEST) tests/test_real_ksm.py
+	$(PYTEST) tests --ignore=tests/integration -m realksm
 
 ## test-install: the built wheel in a fresh venv beside other "operations" and "cli" packages
 test-install: $(STAMP)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,8 +143,9 @@ class Meta:
         except OSError:  # no login name in the environment nor the password database
             user = str(os.getuid())
         digest = None
-        if os.path.isfile(inventory):
-            digest = hashlib.sha256(Path(inventory).read_bytes()).hexdigest()
+        with suppress(OSError):  # unreadable: the audit reports that as a usage error
+            if os.path.isfile(inventory):
+                digest = hashlib.sha256(Path(inventory).read_bytes()).hexdigest()
         return cls(
             started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             version=__version__,
@@ -253,6 +255,15 @@ def as_document(report: Report) -> dict[str, Any]:
     return data
 
 
+# Characters XML 1.0 cannot carry at all, escaped or not.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_text(text: str) -> str:
+    """``text`` with every character XML cannot hold replaced by U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def junit(report: Report) -> bytes:
     """JUnit XML: one testsuite, one testcase per host and control (classname: the host)."""
     cases = [
@@ -286,27 +297,28 @@ def junit(report: Report) -> bytes:
         ("inventory", report.meta.inventory),
         ("inventory_sha256", report.meta.inventory_sha256 or ""),
     ):
-        ET.SubElement(properties, "property", name=name, value=value)
+        ET.SubElement(properties, "property", name=name, value=xml_text(value))
     for host, control, outcome in cases:
+        name, message = xml_text(host.result.host), xml_text(outcome.message)
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=host.result.host,
+            classname=name,
             name=f"{control.id} {control.title}",
             time="0",
         )
         case_properties = ET.SubElement(case, "properties")
-        ET.SubElement(case_properties, "property", name="host", value=host.result.host)
+        ET.SubElement(case_properties, "property", name="host", value=name)
         ET.SubElement(case_properties, "property", name="control", value=control.id)
         ET.SubElement(case_properties, "property", name="verdict", value=host.result.verdict)
         if outcome.result == "fail":
-            ET.SubElement(case, "failure", type=control.id, message=outcome.message)
+            ET.SubElement(case, "failure", type=control.id, message=message)
         elif outcome.result == "error":
-            ET.SubElement(case, "error", type=str(host.result.verdict), message=outcome.message)
+            ET.SubElement(case, "error", type=str(host.result.verdict), message=message)
         elif outcome.result == "skip":
-            ET.SubElement(case, "skipped", message=outcome.message)
+            ET.SubElement(case, "skipped", message=message)
         else:
-            ET.SubElement(case, "system-out").text = outcome.message
+            ET.SubElement(case, "system-out").text = message
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
@@ -337,7 +349,7 @@ def prepare(out: Path) -> None:
     """Fail early, before any host is contacted: ``out`` must be new or empty, its parent ours."""
     from .engine import UsageError
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise UsageError(f"--out {out} exists and is not an empty directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

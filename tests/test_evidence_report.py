@@ -21,19 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from ksm_guard.cli.app import app
-from ksm_guard.cli.evidence import raw_names
+from ksm_guard.cli.evidence import CONTROLS, raw_names
 from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
+from ksm_guard.operations.model import Verdict
 from tests.conftest import BIN
 from tests.dnsjail import run_jailed, unavailable
 from tests.localssh import LocalSshd, inventory_source, ssh_data
 from tests.pngread import colour_census
 from tests.test_fleet import on_the_wire
+from tests.test_real_ksm import merged_pages
 from tests.vm.harness import free_port
 
-__all__ = ["on_the_wire"]  # a fixture: imported to be used here
+__all__ = ["merged_pages", "on_the_wire"]  # fixtures: imported to be used here
 
 runner = CliRunner()
 ODD = "<b>odd & 'quoted'</b>"  # a host name that HTML must escape
@@ -391,3 +394,153 @@ def test_chromium_prints_the_page_to_pdf(bundle: Bundle, browser: Path, tmp_path
     assert data.startswith(b"%PDF-")
     pages = len(re.findall(rb"/Type\s*/Page(?![s\w])", data))
     assert pages >= 1 + len(bundle.hosts())
+
+
+# -- a fleet whose KSM really merges ---------------------------------------------------------
+
+PICTURE = os.environ.get("KSM_GUARD_REPORT_PICTURE")  # e.g. docs/report.png: refresh the README's
+
+
+@pytest.mark.realksm
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/ksm/run").exists() or os.geteuid() != 0,
+    reason="needs root and a kernel with KSM (/sys/kernel/mm/ksm)",
+)
+def test_a_merging_fleet_fails_its_controls_on_the_page(
+    merged_pages: int,
+    local_sshd: LocalSshd,
+    browser: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    ksmd merging a workload's pages, this machine reached as three hosts (one with a tight
+    unmerge limit) beside a dead one: ksm-running, KSM-1 and KSM-3 fail with the real page
+    counts, and the page draws the merged memory, the need and the limit.
+    """
+    hosts = [
+        local_sshd.host("pve-a1"),
+        local_sshd.host("pve-a2", ksm_max_fraction=0.0005),
+        local_sshd.host("pve-b1"),
+        ("pve-b2", ssh_data(free_port(), local_sshd.key)),
+    ]
+    monkeypatch.chdir(tmp_path)  # the command line as an admin would type it
+    Path("fleet.py").write_text(inventory_source(hosts))
+    out = tmp_path / "evidence"
+    argv = ["report", "-i", "fleet.py", "--out", "evidence", "--connect-timeout", "3"]
+    monkeypatch.setattr(sys, "argv", ["ksm-guard", *argv])
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 3, result.output
+    document = json.loads((out / "report.json").read_text())
+    live = [host for host in document["hosts"] if host["audit"] is not None]
+    assert [host["host"] for host in live] == ["pve-a1", "pve-a2", "pve-b1"]
+    for host in live:
+        assert host["verdict"] == "ksm-running"
+        failed = {c["id"]: c["message"] for c in host["controls"] if c["result"] == "fail"}
+        assert "run=1" in failed["KSM-1"]
+        assert f"pages_sharing={host['audit']['pages_sharing']}" in failed["KSM-3"]
+        assert host["audit"]["pages_sharing"] > 0
+    assert [host["audit"]["unmerge_safe"] for host in live] == [True, False, True]
+    page = (out / "report.html").read_text()
+    assert "over the limit" in page and "unmerge limit:" in page
+    shot = _written(
+        browser, out, "--screenshot", tmp_path / "report.png", "--window-size=1200,1500"
+    )
+    from ksm_guard.cli.html import COLORS, MERGED_COLOR, NEED_COLOR
+
+    colours = colour_census(shot).colours
+    for colour in (
+        MERGED_COLOR,
+        NEED_COLOR,
+        COLORS[Verdict.KSM_RUNNING],
+        COLORS[Verdict.UNREACHABLE],
+    ):
+        assert bytes.fromhex(colour[1:]) in colours, colour
+    if PICTURE:
+        shutil.copyfile(shot, PICTURE)
+
+
+# -- controls and the bundle's pieces, from captured states ----------------------------------
+
+FACTS = Path(__file__).parent / "facts/facts.KsmHost"
+
+
+def _state(fixture: str) -> Any:
+    return yaml.safe_load((FACTS / f"{fixture}.yaml").read_text())["fact"]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "results"),
+    [
+        ("debian12_ksmtuned_running", ["fail", "fail", "fail", "fail"]),
+        ("masked_and_persisted", ["pass", "pass", "pass", "pass"]),
+        ("persist_modified_unknown_knob", ["fail", "pass", "fail", "fail"]),
+        ("no_ksm_dir", ["pass", "pass", "pass", "skip"]),
+        ("not_installed_non_root", ["pass", "pass", "fail", "fail"]),
+        ("kernel_6_18_no_systemd_captured", ["pass", "pass", "pass", "fail"]),
+    ],
+)
+def test_controls_of_captured_states(fixture: str, results: list[str]) -> None:
+    """KSM-1..4 on captured hosts: merging, units, merged pages, boot persistence."""
+    state = _state(fixture)
+    assert [control.check(state).result for control in CONTROLS] == results
+
+
+def test_control_messages_carry_the_figures() -> None:
+    """A failing control says what it found: run, the unit states, the page counts, the file."""
+    state = _state("debian12_ksmtuned_running")
+    messages = [control.check(state).message for control in CONTROLS]
+    assert messages == [
+        "run=1: ksmd is merging",
+        "ksmtuned.service enabled/active, ksm.service enabled/active",
+        "pages_shared=64, pages_sharing=16320, ksm_zero_pages=0: an unmerge must find 63.8 MiB",
+        "/etc/tmpfiles.d/ksm-guard.conf is absent: nothing holds run at 0 across a reboot",
+    ]
+    modified = _state("persist_modified_unknown_knob")
+    assert "does not hold ksm-guard's line" in CONTROLS[3].check(modified).message
+
+
+def _offline_report(name: str, detail: str) -> Any:
+    from ksm_guard.cli.engine import HostResult, Reading, RunResult
+    from ksm_guard.cli.evidence import Meta, build
+    from ksm_guard.operations.model import Mode, Status
+    from ksm_guard.operations.report import audit_record
+
+    output = yaml_output("evidence_captured")
+    state = parse_ksm_host(output)
+    hosts = [
+        HostResult("pve1", Status.OK, audit=audit_record(state)),
+        HostResult(name, Status.UNREACHABLE, detail),
+    ]
+    result = RunResult(Mode.AUDIT, False, hosts, readings={"pve1": Reading(state, None, output)})
+    return build(result, Meta.now("@local"))
+
+
+def yaml_output(fixture: str) -> list[str]:
+    output: list[str] = yaml.safe_load((FACTS / f"{fixture}.yaml").read_text())["output"]
+    return output
+
+
+def test_junit_holds_names_xml_cannot_carry() -> None:
+    """A control character in a host name or a reason: replaced, and the XML still parses."""
+    from ksm_guard.cli.evidence import junit
+
+    report = _offline_report("odd\x01name", "refused\x1b[0m")
+    root = ET.fromstring(junit(report))
+    classnames = {case.get("classname") for case in root.iter("testcase")}
+    assert classnames == {"pve1", "odd\ufffdname"}
+    errors = [error.get("message") for error in root.iter("error")]
+    assert errors == ["unreachable: refused\ufffd[0m"] * 4
+
+
+def test_the_files_of_a_bundle_and_their_sums() -> None:
+    """files(): the raw output byte for byte as pyinfra gave its lines; SHA256SUMS of each."""
+    from ksm_guard.cli.evidence import files, sha256sums
+
+    report = _offline_report("dead", "timed out")
+    contents = files(report)
+    assert sorted(contents) == ["raw/pve1.txt", "report.html", "report.json", "report.junit.xml"]
+    assert contents["raw/pve1.txt"].decode().splitlines() == yaml_output("evidence_captured")
+    sums = sha256sums(contents).decode().splitlines()
+    assert sums[0] == f"{hashlib.sha256(contents['raw/pve1.txt']).hexdigest()}  raw/pve1.txt"
+    assert [line.split("  ")[1] for line in sums] == sorted(contents)
