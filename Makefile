@@ -35,7 +35,8 @@ test-install: $(STAMP)
 test-vm: $(STAMP) test-deps
 	$(PYTEST) tests/integration
 
-## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs)
+## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs,
+## Chromium to render the report page)
 test-deps:
 	scripts/bootstrap.sh --test
 

@@ -480,3 +480,59 @@ def plan(
     for host in result.unread:
         _err(f"ksm-guard: {host.host}: {host.detail}")
     raise typer.Exit(code)
+
+
+REPORT_EXIT_CODES = (
+    "Exit codes, as for audit: 0 every host compliant or unsupported; 1 a host is exposed; "
+    "2 usage error (bad option, missing or broken inventory, --out not new or empty, or not "
+    "writable); 3 a host was unreachable or its state could not be read, or the bundle could "
+    "not be written after the audit. The bundle is written whatever the verdicts."
+)
+
+
+@app.command(epilog=REPORT_EXIT_CODES)
+def report(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            file_okay=False,
+            help="Write the evidence bundle into this new (or empty) directory.",
+        ),
+    ],
+    inventory: InventoryOpt = "@local",
+    limit: LimitOpt = None,
+    parallel: ParallelOpt = 0,
+    sudo: SudoOpt = False,
+    max_fraction: MaxFractionOpt = None,
+    connect_timeout: TimeoutOpt = 10,
+    verbose: VerboseOpt = False,
+) -> None:
+    """
+    Audit (change nothing) and write an evidence bundle: report.html, report.json,
+    report.junit.xml, each host's raw answer under raw/, and SHA256SUMS over them all.
+    """
+    from . import render
+    from .engine import EXIT_UNREACHABLE, EXIT_USAGE, UsageError
+    from .evidence import BundleError
+    from .evidence import report as write_report
+
+    try:
+        written = write_report(
+            inventory=inventory, limit=limit or [], out=out, parallel=parallel, sudo=sudo,
+            max_fraction=max_fraction, connect_timeout=connect_timeout,
+            echo=_err if verbose else None,
+        )  # fmt: skip
+    except UsageError as error:
+        _err(f"ksm-guard: {error}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except BundleError as error:
+        _err(f"ksm-guard: {error}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    result = written.result
+    typer.echo(render.table(result))
+    for host in result.hosts:
+        if host.detail:
+            _err(f"ksm-guard: {host.host}: {host.status}: {host.detail}")
+    _err(f"ksm-guard: evidence bundle in {out}; check it with: cd {out} && sha256sum -c SHA256SUMS")
+    raise typer.Exit(result.exit_code)

@@ -112,6 +112,8 @@ class RunResult:
     dry_run: bool
     hosts: list[HostResult]
     declined: bool = False  # the operator said no at the prompt: nothing changed
+    # Each reached host's first read, the one the plan was made from (an audit's only read).
+    readings: dict[str, Reading] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -364,7 +366,7 @@ def preview(
         elif host_plan is not None and reading.state is not None:
             result.status, result.changes = host_plan.status, host_plan.changes
         hosts.append(result)
-    planned = RunResult(request.mode, request.dry_run, hosts)
+    planned = RunResult(request.mode, request.dry_run, hosts, readings=readings)
     if request.mode is not Mode.AUDIT and not request.continue_on_error:
         # A refused host stops the rollout after its batch: the plan says so as the run will.
         results = {h.host: h for h in hosts}

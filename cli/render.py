@@ -203,11 +203,11 @@ def _refusal(host: HostResult) -> dict[str, Any] | None:
     return {"code": refusal.code, "reason": refusal.reason, "figures": dict(refusal.figures)}
 
 
-def as_json(result: RunResult) -> str:
-    """The documented JSON document (``schema_version`` 1)."""
+def document(result: RunResult) -> dict[str, Any]:
+    """The documented JSON document (``schema_version`` 1) as a dict."""
     from .engine import SCHEMA_VERSION
 
-    document = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "mode": result.mode,
         "dry_run": result.dry_run,
@@ -228,4 +228,8 @@ def as_json(result: RunResult) -> str:
             for host in result.hosts
         ],
     }
-    return json.dumps(document, indent=2, sort_keys=False)
+
+
+def as_json(result: RunResult) -> str:
+    """The documented JSON document (``schema_version`` 1)."""
+    return json.dumps(document(result), indent=2, sort_keys=False)

@@ -9,6 +9,7 @@ from typing import cast, get_args
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .evidence import EVIDENCE_COMMAND, parse_evidence
 from .model import (
     KSM_DIR,
     KSM_RUN_VALUES,
@@ -52,8 +53,9 @@ class Section:
     parse: Callable[[list[str]], object]
 
 
-# Sections added after the core ones, in the order they run (none yet).
-EXTENSIONS: tuple[Section, ...] = ()
+# Sections added after the core ones, in the order they run: ``evidence`` says which host
+# answered and when (hostname, kernel, machine and boot ids, SSH host key fingerprints).
+EXTENSIONS: tuple[Section, ...] = (Section("evidence", EVIDENCE_COMMAND, parse_evidence),)
 
 # Each section starts with a marker line, so that every output line is accounted for.
 CORE_COMMAND = "; ".join(
@@ -269,6 +271,13 @@ class KsmHost(FactBase[HostState]):
                 "100": {"name": "web1", "allow_ksm": False, "lock": None, "template": False,
                         "configured_bytes": 2147483648, "error": None},
             },
+            # Present when the output has the section (operations/evidence.py):
+            "evidence": {"time": "2025-03-01T08:15:00Z", "hostname": "pve1",
+                         "kernel": "6.8.12-8-pve", "machine_id": "3d12...",
+                         "boot_id": "6512...", "ssh_keygen": True,
+                         "host_keys": [{"path": "/etc/ssh/ssh_host_ed25519_key.pub", "bits": 256,
+                                        "fingerprint": "SHA256:tTkR...", "comment": "root@pve1",
+                                        "type": "ED25519"}]},
         }
     """
 

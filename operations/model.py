@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 DEFAULT_MAX_FRACTION = 0.5
 
@@ -115,6 +115,28 @@ class Vm(TypedDict):
     error: str | None  # what of this VM's files could not be read; None: all read
 
 
+class HostKey(TypedDict):
+    """One SSH host key as ``ssh-keygen -lf`` reports it on the host (None: it could not)."""
+
+    path: str
+    bits: int | None
+    fingerprint: str | None  # SHA256:...
+    comment: str | None
+    type: str | None  # ED25519, RSA, ECDSA, ...
+
+
+class Evidence(TypedDict):
+    """Who answered the fact command, and when: read on the host, in the same command."""
+
+    time: str  # the host's clock, UTC, ISO 8601 (2025-01-31T12:00:00Z)
+    hostname: str  # uname -n
+    kernel: str  # uname -r
+    machine_id: str | None  # /etc/machine-id; None: absent or empty
+    boot_id: str | None  # /proc/sys/kernel/random/boot_id
+    ssh_keygen: bool  # False: no ssh-keygen on the host, so no fingerprints
+    host_keys: list[HostKey]  # /etc/ssh/ssh_host_*_key.pub, in glob order
+
+
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
 Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
@@ -139,6 +161,7 @@ class HostState(TypedDict):
     qemu_server: str | None  # the installed qemu-server version; None: not Proxmox VE
     vms: list[Vm]
     pve_configs: dict[str, PveConfig]
+    evidence: NotRequired[Evidence]  # the ``evidence`` section (operations/evidence.py)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with ksm-guard and its test tools; install missing Debian packages first.
 # Usage: scripts/bootstrap.sh [--test | --bench]   (instead of the venv: --test installs what the
-# tests need, sshd for the loopback fleet and QEMU for the VMs; --bench what the benchmark needs)
+# tests need, sshd for the loopback fleet, QEMU for the VMs and Chromium for the report page;
+# --bench what the benchmark needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -27,7 +28,7 @@ if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 if [ "${1:-}" = "--test" ]; then
     apt_install openssh-server openssh-client qemu-system-x86 qemu-utils debootstrap \
-        e2fsprogs xz-utils
+        e2fsprogs xz-utils chromium
     exit 0
 fi
 if [ "${1:-}" = "--bench" ]; then
