@@ -110,6 +110,26 @@ TimeoutOpt = Annotated[
     int, typer.Option("--connect-timeout", min=1, help="Seconds to wait for each host's SSH.")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show pyinfra's log on stderr.")]
+
+
+class PolicyChoice(StrEnum):
+    host = "host"
+    strict = "strict"
+
+
+PolicyOpt = Annotated[
+    PolicyChoice | None,
+    typer.Option(
+        "--policy",
+        envvar="KSM_GUARD_POLICY",
+        help="host: KSM off host-wide; strict: also every VM opted out where a per-VM opt-out "
+        "exists [default: each host's ksm_policy, else host].",
+    ),
+]
+IgnoreWaiversOpt = Annotated[
+    bool,
+    typer.Option("--ignore-waivers", help="Change hosts under a waiver too (ksm_waiver)."),
+]
 VmsOpt = Annotated[
     bool, typer.Option("--vms", help="Also list each running VM's merged memory and allow-ksm.")
 ]
@@ -245,12 +265,13 @@ def audit(
     verbose: VerboseOpt = False,
     vms: VmsOpt = False,
     textfile_dir: TextfileDirOpt = None,
+    policy: PolicyOpt = None,
 ) -> None:
     """Report each host's KSM state and verdict; change nothing."""
     _execute(
         "audit", output, True, verbose, inventory=inventory, limit=limit or [],
         parallel=parallel, sudo=sudo, max_fraction=max_fraction, connect_timeout=connect_timeout,
-        show_vms=vms, textfile_dir=textfile_dir,
+        show_vms=vms, textfile_dir=textfile_dir, policy=policy,
     )  # fmt: skip
 
 
@@ -269,6 +290,8 @@ def disable(
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    policy: PolicyOpt = None,
+    ignore_waivers: IgnoreWaiversOpt = False,
 ) -> None:
     """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
     _execute(
@@ -276,6 +299,7 @@ def disable(
         dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error,
         mask=mask, sudo=sudo, connect_timeout=connect_timeout,
+        policy=policy, ignore_waivers=ignore_waivers,
     )  # fmt: skip
 
 
@@ -297,6 +321,8 @@ def unmerge(
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    policy: PolicyOpt = None,
+    ignore_waivers: IgnoreWaiversOpt = False,
 ) -> None:
     """
     Everything disable does, then unmerge the merged pages (run=2) after a memory check,
@@ -308,6 +334,7 @@ def unmerge(
         continue_on_error=continue_on_error,
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
+        policy=policy, ignore_waivers=ignore_waivers,
     )  # fmt: skip
 
 
@@ -325,6 +352,8 @@ def enable(
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    policy: PolicyOpt = None,
+    ignore_waivers: IgnoreWaiversOpt = False,
 ) -> None:
     """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
     _execute(
@@ -332,6 +361,7 @@ def enable(
         dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error,
         sudo=sudo, connect_timeout=connect_timeout,
+        policy=policy, ignore_waivers=ignore_waivers,
     )  # fmt: skip
 
 
@@ -350,12 +380,15 @@ def vm_optout(
     sudo: SudoOpt = False,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    policy: PolicyOpt = None,
+    ignore_waivers: IgnoreWaiversOpt = False,
 ) -> None:
     """Proxmox VE 9: allow-ksm 0 on the VMs (qm set); never restarts a VM, says which need it."""
     _execute(
         "vm-optout", output, yes, verbose, inventory=inventory, limit=limit or [],
         vmids=vmid or [], dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
         continue_on_error=continue_on_error, sudo=sudo, connect_timeout=connect_timeout,
+        policy=policy, ignore_waivers=ignore_waivers,
     )  # fmt: skip
 
 
@@ -507,6 +540,7 @@ def report(
     max_fraction: MaxFractionOpt = None,
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
+    policy: PolicyOpt = None,
 ) -> None:
     """
     Audit (change nothing) and write an evidence bundle: report.html, report.json,
@@ -521,7 +555,7 @@ def report(
         written = write_report(
             inventory=inventory, limit=limit or [], out=out, parallel=parallel, sudo=sudo,
             max_fraction=max_fraction, connect_timeout=connect_timeout,
-            echo=_err if verbose else None,
+            echo=_err if verbose else None, policy=policy,
         )  # fmt: skip
     except UsageError as error:
         _err(f"ksm-guard: {error}")

@@ -19,9 +19,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ksm_guard.operations.model import DEFAULT_MAX_FRACTION, HostState, Mode, Status, Verdict
+from ksm_guard.operations.model import HostState, Mode, Options, Status, Verdict
 from ksm_guard.operations.plan import HostPlan, Part, Refusal, RefusalCode
-from ksm_guard.operations.report import AuditRecord, audit_record
+from ksm_guard.operations.report import AuditRecord, audit_record, waiver_line
 
 from .inventory import InventoryError, make_inventory
 
@@ -61,6 +61,8 @@ class Request:
     max_fraction: float | None = None
     connect_timeout: int = 10
     vmids: list[int] = field(default_factory=list)
+    policy: str | None = None  # host or strict; None: each host's ksm_policy (default host)
+    ignore_waivers: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -80,6 +82,10 @@ class Request:
             data["ksm_max_fraction"] = self.max_fraction
         if self.vmids:
             data["ksm_vmids"] = list(self.vmids)
+        if self.policy is not None:
+            data["ksm_policy"] = self.policy
+        if self.ignore_waivers:
+            data["ksm_ignore_waivers"] = True
         return data
 
 
@@ -93,6 +99,7 @@ class HostResult:
     changes: list[str] = field(default_factory=list)
     audit: AuditRecord | None = None
     refusal: Refusal | None = None
+    skipped: list[str] = field(default_factory=list)  # left as is (a locked VM): counts as refused
     unmerge: dict[str, Any] | None = None  # pages, bytes, seconds, memory_used_bytes
 
     @property
@@ -121,7 +128,7 @@ class RunResult:
             return EXIT_OK
         if any(h.verdict.unread for h in self.hosts):
             return EXIT_UNREACHABLE
-        if any(h.status in (Status.REFUSED, Status.FAILED) for h in self.hosts):
+        if any(h.status in (Status.REFUSED, Status.FAILED) or h.skipped for h in self.hosts):
             return EXIT_NONCOMPLIANT
         if self.mode is Mode.AUDIT and any(h.verdict.exposed for h in self.hosts):
             return EXIT_NONCOMPLIANT
@@ -311,8 +318,9 @@ def plan_host(host: Host, reading: Reading) -> HostPlan | None:
     return plan(reading.state, mode, options)
 
 
-def _max_fraction(host_plan: HostPlan | None) -> float:
-    return host_plan.options.max_fraction if host_plan else DEFAULT_MAX_FRACTION
+def _options(host_plan: HostPlan | None) -> Options:
+    """The options the host was planned with (its data and the command line), or the defaults."""
+    return host_plan.options if host_plan else Options()
 
 
 def _batches(request: Request, result: RunResult) -> list[list[str]]:
@@ -327,6 +335,8 @@ def _stopped_at(batch: list[str], results: dict[str, HostResult]) -> str | None:
     for name in batch:
         result = results[name]
         if result.status in (Status.REFUSED, Status.FAILED) or result.verdict.unread:
+            return name
+        if result.skipped:
             return name
     return None
 
@@ -358,13 +368,16 @@ def preview(
         reading, host_plan = readings[name], plans[name]
         result = HostResult(name, Status.ERROR, reading.error)
         if reading.state is not None:
-            result.audit = audit_record(reading.state, _max_fraction(host_plan))
+            result.audit = audit_record(reading.state, _options(host_plan))
             result.status = Status.OK
         if host_plan is not None and host_plan.refusal is not None:
             result.status, result.refusal = Status.REFUSED, host_plan.refusal
             result.detail = host_plan.refusal.reason
         elif host_plan is not None and reading.state is not None:
             result.status, result.changes = host_plan.status, host_plan.changes
+            result.skipped = list(host_plan.skipped)
+            if host_plan.waived and host_plan.options.waiver is not None:
+                result.detail = waiver_line(host_plan.options.waiver)
         hosts.append(result)
     planned = RunResult(request.mode, request.dry_run, hosts, readings=readings)
     if request.mode is not Mode.AUDIT and not request.continue_on_error:
@@ -425,7 +438,11 @@ def _outcome(state: State, host: Host, host_plan: HostPlan | None, timer: _Timer
     if host_plan.refusal is not None:
         refusal = host_plan.refusal
         return HostResult(host.name, Status.REFUSED, refusal.reason, refusal=refusal)
-    result = HostResult(host.name, Status.OK, changes=host_plan.changes)
+    if host_plan.waived and host_plan.options.waiver is not None:
+        return HostResult(host.name, Status.WAIVED, waiver_line(host_plan.options.waiver))
+    result = HostResult(
+        host.name, Status.OK, changes=host_plan.changes, skipped=list(host_plan.skipped)
+    )
     operations = _operations(state, host)
     complete = [(op_hash, meta) for op_hash, meta in operations if meta.is_complete()]
     refused = ksm.refusal_of(state, host)
@@ -478,7 +495,7 @@ def run_batch(
     for host, result in zip(hosts, results, strict=True):
         reading, host_plan = readings[host.name], modes.planned(state, host)
         if reading.state is not None:
-            result.audit = audit_record(reading.state, _max_fraction(host_plan))
+            result.audit = audit_record(reading.state, _options(host_plan))
             if result.unmerge is not None:
                 used = reading.state["mem_total"] - reading.state["mem_available"]
                 result.unmerge["memory_used_bytes"] = used

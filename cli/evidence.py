@@ -25,18 +25,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ksm_guard.operations.model import PERSIST_PATH, UNITS, HostState, Mode
-from ksm_guard.operations.report import (
-    counter,
-    human_bytes,
-    merged_page_count,
-    unit_active,
-    unit_enabled,
-    unit_label,
-    unmerge_need_bytes,
-)
+from ksm_guard.operations.controls import CONTROLS, Control, Outcome, evaluate
+from ksm_guard.operations.model import HostState, Mode, Policy
 
 from . import __version__
 
@@ -49,79 +41,9 @@ JUNIT_FILE = "report.junit.xml"
 SUMS_FILE = "SHA256SUMS"
 RAW_DIR = "raw"
 
-Result = Literal["pass", "fail", "skip", "error"]
-
 
 class BundleError(Exception):
     """The bundle could not be written: one line naming the path."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One control on one host: its result and the figures behind it, in a sentence."""
-
-    result: Result
-    message: str
-
-
-@dataclass(frozen=True)
-class Control:
-    """A check with a stable ID, decided from the host's one read."""
-
-    id: str
-    title: str
-    check: Callable[[HostState], Outcome]
-
-
-def _not_merging(state: HostState) -> Outcome:
-    ksm = state["ksm"]
-    if ksm is None:
-        return Outcome("pass", "the kernel has no KSM: nothing can merge")
-    run = ksm.get("run")
-    if run == 1:
-        return Outcome("fail", "run=1: ksmd is merging")
-    return Outcome("pass", f"run={run}")
-
-
-def _no_unit(state: HostState) -> Outcome:
-    if not state["systemd"]:
-        return Outcome("pass", "no systemd: no units")
-    units = state["units"]
-    offending = [u for u in UNITS if unit_enabled(units.get(u)) or unit_active(units.get(u))]
-    said = ", ".join(f"{name} {unit_label(units.get(name))}" for name in offending or UNITS)
-    return Outcome("fail" if offending else "pass", said)
-
-
-def _no_merged_pages(state: HostState) -> Outcome:
-    ksm = state["ksm"]
-    figures = ", ".join(
-        f"{name}={counter(ksm, name)}"
-        for name in ("pages_shared", "pages_sharing", "ksm_zero_pages")
-    )
-    if not merged_page_count(ksm):
-        return Outcome("pass", figures)
-    need = human_bytes(unmerge_need_bytes(state))
-    return Outcome("fail", f"{figures}: an unmerge must find {need}")
-
-
-def _boot_persistence(state: HostState) -> Outcome:
-    if state["ksm"] is None:
-        return Outcome("skip", "the kernel has no KSM: nothing to keep off at boot")
-    persist = state["persist"]
-    if persist == "present":
-        return Outcome("pass", f"{PERSIST_PATH} writes run=0 at every boot")
-    if persist == "modified":
-        return Outcome("fail", f"{PERSIST_PATH} exists but does not hold ksm-guard's line")
-    return Outcome("fail", f"{PERSIST_PATH} is absent: nothing holds run at 0 across a reboot")
-
-
-# Stable IDs: never renumbered; a new control gets the next number.
-CONTROLS = (
-    Control("KSM-1", "ksmd is not merging", _not_merging),
-    Control("KSM-2", "no KSM unit enabled or active", _no_unit),
-    Control("KSM-3", "no merged pages", _no_merged_pages),
-    Control("KSM-4", "boot persistence present", _boot_persistence),
-)
 
 
 @dataclass(frozen=True)
@@ -210,7 +132,8 @@ def _outcomes(result: HostResult, state: HostState | None) -> list[tuple[Control
     if state is None:
         why = Outcome("error", f"{result.verdict}: {result.detail or 'no state read'}")
         return [(control, why) for control in CONTROLS]
-    return [(control, control.check(state)) for control in CONTROLS]
+    policy = Policy(result.audit["policy"]) if result.audit else Policy.HOST
+    return evaluate(state, policy)
 
 
 def build(result: RunResult, meta: Meta) -> Report:
@@ -386,6 +309,7 @@ def report(
     max_fraction: float | None,
     connect_timeout: int,
     echo: Callable[[str], None] | None,
+    policy: str | None = None,
 ) -> Report:
     """Audit (change nothing), then write the bundle to ``out``."""
     from .engine import Request, run
@@ -398,6 +322,7 @@ def report(
         parallel=parallel,
         sudo=sudo,
         max_fraction=max_fraction,
+        policy=policy,
         connect_timeout=connect_timeout,
     )
     meta = Meta.now(inventory)

@@ -31,6 +31,11 @@ _METRICS = {
     "ksm_guard_saved_bytes": ("Bytes KSM saves (pages_sharing + ksm_zero_pages).", "gauge"),
     "ksm_guard_compliant": ("1 when the verdict is compliant or unsupported, else 0.", "gauge"),
     "ksm_guard_unit_active": ("1 when the KSM unit is active (running), else 0.", "gauge"),
+    "ksm_guard_control_passed": (
+        "1 when the control (KSM-1...) passes, 0 when it fails; absent when it does not apply.",
+        "gauge",
+    ),
+    "ksm_guard_waived": ("1 while a waiver keeps this exposed host compliant, else 0.", "gauge"),
     "ksm_guard_vm_merged_bytes": ("Bytes of a running VM's memory merged by KSM.", "gauge"),
     "ksm_guard_vm_restart_pending": (
         "1 when a VM's allow-ksm differs from how its QEMU runs until a stop/start.",
@@ -71,6 +76,11 @@ def _samples(result: HostResult) -> list[tuple[str, str, int]]:
         ("ksm_guard_saved_bytes", on, audit["saved_bytes"]),
         ("ksm_guard_compliant", on, int(not result.verdict.exposed)),
     ]
+    for control in audit["controls"]:
+        if control["result"] in ("pass", "fail"):
+            labels = _labels(host=host, control=control["id"])
+            samples.append(("ksm_guard_control_passed", labels, int(control["result"] == "pass")))
+    samples.append(("ksm_guard_waived", on, int(audit["verdict"] == "waived")))
     if audit["systemd"]:
         for unit, state in audit["units"].items():
             active = int(state["present"] and state["active"] in ACTIVE_STATES)

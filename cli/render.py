@@ -6,7 +6,13 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from ksm_guard.operations.model import Mode, Status
-from ksm_guard.operations.report import AuditRecord, exposure_order, human_bytes, record_unit_state
+from ksm_guard.operations.report import (
+    AuditRecord,
+    WaiverRecord,
+    exposure_order,
+    human_bytes,
+    record_unit_state,
+)
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -64,6 +70,7 @@ _ROLLOUT = (
     ("refused", (Status.REFUSED,)),
     ("failed", (Status.FAILED,)),
     ("not reached", (Status.NOT_REACHED,)),
+    ("waived", (Status.WAIVED,)),
     ("unreachable", (Status.UNREACHABLE, Status.ERROR)),
 )
 
@@ -124,6 +131,16 @@ def vm_table(result: RunResult) -> list[str]:
     return lines
 
 
+def _waiver_note(waiver: WaiverRecord, audit: AuditRecord | None) -> str:
+    if not waiver["active"]:
+        real = audit["verdict_unwaived"] if audit else "?"
+        return f"waiver expired on {waiver['expires']}: reported as it is ({real})"
+    return (
+        f"waived until {waiver['expires']} (approved by {waiver['approved_by']}): "
+        f"{waiver['reason']}"
+    )
+
+
 def _notes(result: RunResult) -> list[str]:
     """Per host: what changes (or would), why it was refused or failed, the unmerge figures."""
     notes = []
@@ -131,9 +148,13 @@ def _notes(result: RunResult) -> list[str]:
         if result.mode is Mode.AUDIT:
             if host.detail:
                 notes.append(f"{host.host}: {host.detail}")
+            waiver = host.audit["waiver"] if host.audit else None
+            if waiver is not None:
+                notes.append(f"{host.host}: {_waiver_note(waiver, host.audit)}")
             continue
         notes.append(f"{host.host}: {_LABELS.get(host.status, host.status.value)}")
         notes.extend(f"  {change}" for change in host.changes)
+        notes.extend(f"  skipped: {item}" for item in host.skipped)
         if host.unmerge:
             notes.append(f"  {unmerge_figures(host.unmerge)}")
         if host.detail:
@@ -222,6 +243,7 @@ def document(result: RunResult) -> dict[str, Any]:
                 "detail": host.detail,
                 "changes": host.changes,
                 "refusal": _refusal(host),
+                "skipped": host.skipped,
                 "unmerge": host.unmerge,
                 "audit": host.audit,
             }

@@ -12,7 +12,7 @@ from pyinfra.context import ctx_host
 
 from . import plan as planner
 from .facts import KsmHost
-from .model import DEFAULT_MAX_FRACTION, HostState, Mode, Options
+from .model import DEFAULT_MAX_FRACTION, HostState, Mode, Options, Policy
 from .report import audit_line, audit_record
 
 _STATE_KEYS = tuple(HostState.__required_keys__ | HostState.__optional_keys__)
@@ -216,11 +216,14 @@ def preflight(
 
 
 @operation()
-def audited(max_fraction: float = DEFAULT_MAX_FRACTION) -> Generator[Any, None, None]:
+def audited(
+    max_fraction: float = DEFAULT_MAX_FRACTION, policy: str = "host"
+) -> Generator[Any, None, None]:
     """
     Report the host's KSM verdict; changes nothing.
 
     + max_fraction: the unmerge memory limit to judge the host against
+    + policy: ``host`` (KSM off host-wide) or ``strict`` (every VM opted out too)
 
     .. code:: python
 
@@ -229,7 +232,7 @@ def audited(max_fraction: float = DEFAULT_MAX_FRACTION) -> Generator[Any, None, 
     state = host_state()
     if state is None:
         return
-    record = audit_record(state, max_fraction)
+    record = audit_record(state, Options(max_fraction=max_fraction, policy=Policy(policy)))
     logger.info(f"{host.print_prefix}KSM {audit_line(record)}")
     host.noop(f"KSM verdict is {record['verdict']}")
     yield from ()

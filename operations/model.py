@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
@@ -40,11 +42,21 @@ class Mode(StrEnum):
     VM_OPTOUT = "vm-optout"
 
 
+class Policy(StrEnum):
+    """What compliance asks of a host (``--policy``, host data ``ksm_policy``)."""
+
+    HOST = "host"  # KSM off host-wide: ksmd stopped, units off, nothing merged
+    STRICT = "strict"  # also every VM opted out (where a per-VM opt-out exists)
+
+
 class Verdict(StrEnum):
     """A host's compliance, in order of severity."""
 
     COMPLIANT = "compliant"
     UNSUPPORTED = "unsupported"
+    WAIVED = "waived"  # exposed, but under a waiver that has not expired
+    VM_RESTART_PENDING = "vm-restart-pending"  # strict: a VM runs with KSM until a stop/start
+    VM_KSM_ALLOWED = "vm-ksm-allowed"  # strict: a VM is configured with KSM allowed
     MERGED_PAGES_REMAIN = "merged-pages-remain"
     SERVICE_ENABLED = "service-enabled"
     KSM_RUNNING = "ksm-running"
@@ -54,7 +66,13 @@ class Verdict(StrEnum):
     @property
     def exposed(self) -> bool:
         """KSM merges, or could merge again, on this host (audit exit code 1)."""
-        return self in (Verdict.MERGED_PAGES_REMAIN, Verdict.SERVICE_ENABLED, Verdict.KSM_RUNNING)
+        return self in (
+            Verdict.VM_RESTART_PENDING,
+            Verdict.VM_KSM_ALLOWED,
+            Verdict.MERGED_PAGES_REMAIN,
+            Verdict.SERVICE_ENABLED,
+            Verdict.KSM_RUNNING,
+        )
 
     @property
     def unread(self) -> bool:
@@ -71,6 +89,7 @@ class Status(StrEnum):
     REFUSED = "refused"  # a preflight refused the host: nothing ran on it
     FAILED = "failed"  # a command failed while changing the host
     NOT_REACHED = "not-reached"  # the rollout stopped before this host's batch
+    WAIVED = "waived"  # under a waiver: changing modes leave it as it is
     UNREACHABLE = "unreachable"
     ERROR = "error"  # connected, but the state could not be read
 
@@ -165,6 +184,22 @@ class HostState(TypedDict):
 
 
 @dataclass(frozen=True)
+class Waiver:
+    """Host data ``ksm_waiver``: KSM stays on here on purpose, approved, until ``expires``."""
+
+    reason: str
+    approved_by: str
+    expires: date  # the last day it holds (UTC, inclusive)
+
+    def active(self, today: date) -> bool:
+        return today <= self.expires
+
+
+def utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
+@dataclass(frozen=True)
 class Options:
     """How a mode runs on a host: host data ``ksm_mask``, ``ksm_force``, ... or CLI options."""
 
@@ -172,6 +207,9 @@ class Options:
     force: bool = False
     max_fraction: float = DEFAULT_MAX_FRACTION
     vmids: tuple[int, ...] = ()
+    policy: Policy = Policy.HOST
+    waiver: Waiver | None = None
+    ignore_waivers: bool = False  # change waived hosts too
 
 
 class SettingsError(ValueError):
@@ -230,5 +268,43 @@ def settings_from_data(data: HostData) -> tuple[Mode, Options]:
         force=_flag("ksm_force", data.get("ksm_force", False)),
         max_fraction=_fraction(data.get("ksm_max_fraction", DEFAULT_MAX_FRACTION)),
         vmids=_vmids(data.get("ksm_vmids", ())),
+        policy=_policy(data.get("ksm_policy", Policy.HOST.value)),
+        waiver=_waiver(data.get("ksm_waiver")),
+        ignore_waivers=_flag("ksm_ignore_waivers", data.get("ksm_ignore_waivers", False)),
     )
     return mode, options
+
+
+def _policy(value: object) -> Policy:
+    try:
+        return Policy(str(value))
+    except ValueError:
+        choices = ", ".join(policy.value for policy in Policy)
+        raise SettingsError(f"unknown ksm_policy {value!r}: choose one of {choices}") from None
+
+
+_WAIVER_KEYS = ("reason", "approved_by", "expires")
+
+
+def _waiver(value: object) -> Waiver | None:
+    """``{"reason": ..., "approved_by": ..., "expires": "YYYY-MM-DD"}`` (a dict, or its JSON)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    example = '{"reason": ..., "approved_by": ..., "expires": "YYYY-MM-DD"}'
+    if not isinstance(value, dict) or sorted(value) != sorted(_WAIVER_KEYS):
+        raise SettingsError(f"ksm_waiver must be {example}, not {value!r}")
+    reason, approved_by = str(value["reason"]).strip(), str(value["approved_by"]).strip()
+    if not reason or not approved_by:
+        raise SettingsError("ksm_waiver needs a reason and who approved it")
+    try:
+        expires = date.fromisoformat(str(value["expires"]))
+    except ValueError:
+        raise SettingsError(
+            f"ksm_waiver expires must be a date YYYY-MM-DD, not {value['expires']!r}"
+        ) from None
+    return Waiver(reason, approved_by, expires)

@@ -20,6 +20,7 @@ from pyinfra.context import ctx_host
 from . import ksm, pve
 from .model import Mode, Options, SettingsError, settings_from_data
 from .plan import HostPlan, RefusalCode, plan, refused
+from .report import waiver_line
 
 MODES = tuple(mode.value for mode in Mode)
 UNMERGE_OPERATION = "Unmerge KSM pages (run=2)"
@@ -64,7 +65,13 @@ _DISABLE = (
 
 # Each mode's operations, in the order they run: the one place a mode is defined.
 OPERATIONS: dict[Mode, tuple[Call, ...]] = {
-    Mode.AUDIT: (Call("Audit KSM", ksm.audited, lambda o: {"max_fraction": o.max_fraction}),),
+    Mode.AUDIT: (
+        Call(
+            "Audit KSM",
+            ksm.audited,
+            lambda o: {"max_fraction": o.max_fraction, "policy": o.policy.value},
+        ),
+    ),
     Mode.DISABLE: (_preflight(Mode.DISABLE), *_DISABLE),
     Mode.UNMERGE: (
         _preflight(Mode.UNMERGE),
@@ -116,6 +123,9 @@ def run_from_host_data() -> None:
     plans[current] = host_plan = plan(state, mode, options)
     if host_plan.refusal is not None:
         _refuse_now(host_plan)
+        return
+    if host_plan.waived and options.waiver is not None:
+        logger.warning(f"{host.print_prefix}{waiver_line(options.waiver)}")
         return
     for call in OPERATIONS[mode]:
         call.operation(name=call.name, **call.arguments(options))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date
 from enum import StrEnum
 
 from .model import (
@@ -25,6 +26,7 @@ from .model import (
     Options,
     Status,
     Unit,
+    utc_today,
 )
 from .report import (
     allow_ksm_supported,
@@ -126,6 +128,7 @@ class PartPlan:
     steps: tuple[Step, ...] = ()
     noop: str | None = None
     refusal: Refusal | None = None
+    skipped: tuple[str, ...] = ()  # left as they are, with why (a locked VM): counts as refused
 
 
 @dataclass(frozen=True)
@@ -136,10 +139,17 @@ class HostPlan:
     options: Options
     parts: tuple[PartPlan, ...] = ()
     refusal: Refusal | None = None
+    waived: bool = False  # under an active waiver: a changing mode leaves the host as it is
 
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(step for part in self.parts for step in part.steps)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """What the steps leave as it is (a locked VM): the rest changes, the host counts as
+        refused for the exit code and the rollout."""
+        return tuple(item for part in self.parts for item in part.skipped)
 
     @property
     def changes(self) -> list[str]:
@@ -148,9 +158,11 @@ class HostPlan:
 
     @property
     def status(self) -> Status:
-        """``refused``, ``would-change`` or ``ok``."""
+        """``refused``, ``waived``, ``would-change`` or ``ok``."""
         if self.refusal is not None:
             return Status.REFUSED
+        if self.waived:
+            return Status.WAIVED
         return Status.WOULD_CHANGE if self.steps else Status.OK
 
     def part(self, name: Part) -> PartPlan | None:
@@ -397,12 +409,15 @@ def vms_opted_out(state: HostState, vmids: tuple[int, ...] = ()) -> PartPlan:
                 {"locked_vms": len(locked)},
             ),
         )
+    waiting = f"; VMs needing a stop/start: {', '.join(restart)}" if restart else ""
+    noop = f"allow-ksm is 0 on VM {', '.join(wanted)}{waiting}{not_here}"
+    part = _changing(Part.VM_OPTOUT, state, steps, noop)
     if locked:
         last = steps[-1]
         steps[-1] = replace(last, change=f"{last.change}; left as is, locked: VM {held}")
-    waiting = f"; VMs needing a stop/start: {', '.join(restart)}" if restart else ""
-    noop = f"allow-ksm is 0 on VM {', '.join(wanted)}{waiting}{not_here}"
-    return _changing(Part.VM_OPTOUT, state, steps, noop)
+        labels = tuple(f"VM {vmid} (lock: {configs[vmid].get('lock')})" for vmid in locked)
+        part = replace(part, steps=tuple(steps), skipped=labels)
+    return part
 
 
 # Each mode's parts, in the order they run.
@@ -425,12 +440,18 @@ _PARTS[Mode.UNMERGE] = (
 )
 
 
-def plan(state: HostState, mode: Mode, options: Options) -> HostPlan:
+def plan(state: HostState, mode: Mode, options: Options, today: date | None = None) -> HostPlan:
     """
     The plan of ``mode`` for a host in ``state``. A refusal of any part refuses the whole host:
     nothing runs on it, not even the parts that would pass (an unsafe unmerge leaves the units
-    and ``run`` as they are; ``disable`` is the way to stop merging without unmerging).
+    and ``run`` as they are; ``disable`` is the way to stop merging without unmerging). A host
+    under a waiver that holds ``today`` (UTC) is waived: no changing mode touches it, unless
+    ``options.ignore_waivers``.
     """
+    waiver = options.waiver
+    changing = mode is not Mode.AUDIT and not options.ignore_waivers
+    if changing and waiver is not None and waiver.active(today or utc_today()):
+        return HostPlan(mode, options, waived=True)
     parts = tuple(build(state, options) for build in _PARTS[mode])
     refusal = next((part.refusal for part in parts if part.refusal is not None), None)
     return HostPlan(mode, options, parts, refusal)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import TypedDict
 
 from .model import (
     ALLOW_KSM_SINCE,
-    DEFAULT_MAX_FRACTION,
     KSM_RUN_MERGE,
     KSM_RUN_OFFLINE,
     UNITS,
     HostState,
     Ksm,
+    Options,
+    Policy,
     Unit,
     Verdict,
     Vm,
+    Waiver,
+    utc_today,
 )
 
 ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime")
@@ -28,10 +32,30 @@ class UnitRecord(TypedDict):
     active: str | None
 
 
+class ControlRecord(TypedDict):
+    id: str
+    title: str
+    result: str  # pass, fail, skip
+    message: str
+
+
+class WaiverRecord(TypedDict):
+    reason: str
+    approved_by: str
+    expires: str  # YYYY-MM-DD, the last day it holds (UTC)
+    active: bool  # False: expired; the host is reported as what it is
+
+
 class AuditRecord(TypedDict):
     """One host's audit, as the JSON schema documents it (``audit`` of a host)."""
 
     verdict: Verdict
+    verdict_unwaived: Verdict
+    policy: Policy
+    per_vm_rule: str  # "applied", or why it did not apply
+    controls: list[ControlRecord]
+    failed_controls: list[str]
+    waiver: WaiverRecord | None
     ksm_supported: bool
     run: int | None
     pages_shared: int
@@ -141,19 +165,11 @@ def exposure_order(vm: Vm) -> tuple[int, int, int]:
     return (-(merged if merged is not None else -1), int(vm.get("vmid") or 0), vm["pid"])
 
 
-def verdict(state: HostState) -> Verdict:
-    """The compliance verdict of one host's KSM picture."""
-    ksm = state.get("ksm")
-    if ksm is None:
-        return Verdict.UNSUPPORTED
-    if merging(ksm):
-        return Verdict.KSM_RUNNING
-    units = state.get("units") or {}
-    if any(unit_enabled(units.get(u)) or unit_active(units.get(u)) for u in UNITS):
-        return Verdict.SERVICE_ENABLED
-    if merged_page_count(ksm):
-        return Verdict.MERGED_PAGES_REMAIN
-    return Verdict.COMPLIANT
+def verdict(state: HostState, policy: Policy = Policy.HOST) -> Verdict:
+    """The compliance verdict of one host's KSM picture: its most severe failed control."""
+    from .controls import evaluate, verdict_of
+
+    return verdict_of(evaluate(state, policy), state.get("ksm") is not None)
 
 
 def _unit_record(unit: Unit | None) -> UnitRecord:
@@ -166,13 +182,54 @@ def _unit_record(unit: Unit | None) -> UnitRecord:
     }
 
 
-def audit_record(state: HostState, max_fraction: float = DEFAULT_MAX_FRACTION) -> AuditRecord:
-    """One host's audit; ``unmerge_safe`` is judged by the host's own ``max_fraction``."""
+def waiver_line(waiver: Waiver) -> str:
+    """A waived host's line: why, who approved it, until when."""
+    return (
+        f"waived until {waiver.expires.isoformat()} (approved by {waiver.approved_by}): "
+        f"{waiver.reason}; left as it is (--ignore-waivers to change it)"
+    )
+
+
+def waiver_record(waiver: Waiver | None, today: date) -> WaiverRecord | None:
+    if waiver is None:
+        return None
+    return {
+        "reason": waiver.reason,
+        "approved_by": waiver.approved_by,
+        "expires": waiver.expires.isoformat(),
+        "active": waiver.active(today),
+    }
+
+
+def audit_record(
+    state: HostState, options: Options | None = None, today: date | None = None
+) -> AuditRecord:
+    """
+    One host's audit under its options: ``unmerge_safe`` by its own ``max_fraction``, the
+    verdict by its ``policy`` and, while it holds, its waiver (an exposed host reads ``waived``).
+    """
+    from .controls import evaluate, per_vm_rule, verdict_of
+
+    options = options or Options()
+    max_fraction = options.max_fraction
     ksm = state.get("ksm")
     run = ksm.get("run") if ksm else None
     need = unmerge_need_bytes(state)
+    outcomes = evaluate(state, options.policy)
+    real = verdict_of(outcomes, ksm is not None)
+    waiver = waiver_record(options.waiver, today or utc_today())
+    waived = waiver is not None and waiver["active"] and real.exposed
     return {
-        "verdict": verdict(state),
+        "verdict": Verdict.WAIVED if waived else real,
+        "verdict_unwaived": real,
+        "policy": options.policy,
+        "per_vm_rule": per_vm_rule(state, options.policy) or "applied",
+        "controls": [
+            {"id": c.id, "title": c.title, "result": o.result, "message": o.message}
+            for c, o in outcomes
+        ],
+        "failed_controls": [c.id for c, o in outcomes if o.result == "fail"],
+        "waiver": waiver,
         "ksm_supported": ksm is not None,
         "run": run if isinstance(run, int) else None,
         "pages_shared": counter(ksm, "pages_shared"),

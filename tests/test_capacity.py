@@ -208,7 +208,7 @@ def test_a_host_called_safe_is_never_refused_by_unmerge(fact: Path) -> None:
     rng = random.Random(fact.stem)
     for _ in range(200):
         state, fraction = _random_state(rng, base)
-        record = cast(dict[str, object], audit_record(state, fraction))
+        record = cast(dict[str, object], audit_record(state, Options(max_fraction=fraction)))
         capacity = plan_capacity([HostInput("h", record)], min_headroom=rng.choice([0, 0.1]))
         host = capacity.hosts[0]
         if host.safe_now:

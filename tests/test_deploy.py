@@ -82,3 +82,13 @@ def test_a_refusal_fails_the_host_in_dry_and_real_runs_alike(case: str, run: str
     assert result.returncode == 1, result.stdout + result.stderr
     assert reason in result.stderr + result.stdout
     assert "Beginning operation run" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("run", ["--dry", "-y"])
+def test_a_waived_host_is_left_alone_by_deploy_py(run: str) -> None:
+    """ksm_waiver in host data: no operation is added, the reason is logged, exit 0."""
+    waiver = '{"reason": "lab host", "approved_by": "ciso", "expires": "2031-01-31"}'
+    result = pyinfra(run, "--data", "ksm_mode=disable", "--data", f"ksm_waiver={waiver}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "waived until 2031-01-31 (approved by ciso): lab host" in result.stdout + result.stderr
+    assert "Switch off ksmtuned" not in result.stdout + result.stderr

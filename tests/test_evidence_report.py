@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from ksm_guard.cli.app import app
 from ksm_guard.cli.evidence import CONTROLS, raw_names
 from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
-from ksm_guard.operations.model import Verdict
+from ksm_guard.operations.model import Policy, Verdict
 from tests.conftest import BIN
 from tests.dnsjail import run_jailed, unavailable
 from tests.localksm import locked
@@ -43,7 +43,7 @@ ODD = "<b>odd & 'quoted'</b>"  # a host name that HTML must escape
 ESCAPING = "../../etc/passwd"  # a host name that must not leave raw/
 LIVE = ["node1", ODD, ESCAPING]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CONTROL_IDS = ["KSM-1", "KSM-2", "KSM-3", "KSM-4"]
+CONTROL_IDS = ["KSM-1", "KSM-2", "KSM-3", "KSM-4", "KSM-5", "KSM-6"]
 
 
 @dataclass
@@ -204,7 +204,7 @@ def test_raw_file_names_are_safe_and_distinct() -> None:
 
 
 def test_junit_has_a_case_per_host_and_control(bundle: Bundle) -> None:
-    """4 hosts x 4 controls; the unreachable host's cases are errors; the totals add up."""
+    """A case per host and control; the unreachable host's cases are errors; totals add up."""
     root = ET.fromstring(bundle.text("report.junit.xml"))
     suite = root.find("testsuite")
     assert suite is not None
@@ -220,7 +220,7 @@ def test_junit_has_a_case_per_host_and_control(bundle: Bundle) -> None:
     }
     assert suite.get("tests") == str(len(cases))
     assert suite.get("failures") == str(counts["failure"])
-    assert suite.get("errors") == str(counts["error"]) == "4"
+    assert suite.get("errors") == str(counts["error"]) == str(len(CONTROL_IDS))
     assert suite.get("skipped") == str(counts["skipped"])
 
 
@@ -490,13 +490,13 @@ def _state(fixture: str) -> Any:
 def test_controls_of_captured_states(fixture: str, results: list[str]) -> None:
     """KSM-1..4 on captured hosts: merging, units, merged pages, boot persistence."""
     state = _state(fixture)
-    assert [control.check(state).result for control in CONTROLS] == results
+    assert [control.check(state, Policy.HOST).result for control in CONTROLS[:4]] == results
 
 
 def test_control_messages_carry_the_figures() -> None:
     """A failing control says what it found: run, the unit states, the page counts, the file."""
     state = _state("debian12_ksmtuned_running")
-    messages = [control.check(state).message for control in CONTROLS]
+    messages = [control.check(state, Policy.HOST).message for control in CONTROLS[:4]]
     assert messages == [
         "run=1: ksmd is merging",
         "ksmtuned.service enabled/active, ksm.service enabled/active",
@@ -504,7 +504,7 @@ def test_control_messages_carry_the_figures() -> None:
         "/etc/tmpfiles.d/ksm-guard.conf is absent: nothing holds run at 0 across a reboot",
     ]
     modified = _state("persist_modified_unknown_knob")
-    assert "does not hold ksm-guard's line" in CONTROLS[3].check(modified).message
+    assert "does not hold ksm-guard's line" in CONTROLS[3].check(modified, Policy.HOST).message
 
 
 def _offline_report(name: str, detail: str) -> Any:
@@ -537,7 +537,7 @@ def test_junit_holds_names_xml_cannot_carry() -> None:
     classnames = {case.get("classname") for case in root.iter("testcase")}
     assert classnames == {"pve1", "odd\ufffdname"}
     errors = [error.get("message") for error in root.iter("error")]
-    assert errors == ["unreachable: refused\ufffd[0m"] * 4
+    assert errors == ["unreachable: refused\ufffd[0m"] * len(CONTROL_IDS)
 
 
 def test_the_files_of_a_bundle_and_their_sums() -> None:

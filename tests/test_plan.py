@@ -3,8 +3,9 @@ The planner against host-state fixtures (tests/plans/<mode>/<case>.yaml, one sce
 and the mode's operations given the same state: they carry out exactly that plan.
 
 A case names a KsmHost fact fixture (``fact``), optional ``state`` overrides and ``options``,
-then the plan: ``status``, and either ``refusal`` (code and reason) or ``changes`` and
-``commands`` (shell text; ``<UNMERGE_SCRIPT>`` stands for the quoted unmerge script).
+then the plan: ``status``, and either ``refusal`` (code and reason) or ``changes``, ``skipped``
+(what is left as is, which counts as refused; default none) and ``commands`` (shell text;
+``<UNMERGE_SCRIPT>`` stands for the quoted unmerge script).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_plan(path: Path) -> None:
     else:
         assert host_plan.refusal is None
         assert host_plan.changes == case["changes"]
+        assert list(host_plan.skipped) == case.get("skipped", [])
         assert _planned_commands(host_plan) == _shell(case["commands"])
 
 

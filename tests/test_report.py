@@ -6,7 +6,7 @@ from typing import cast
 import pytest
 import yaml
 
-from ksm_guard.operations.model import HostState
+from ksm_guard.operations.model import HostState, Options
 from ksm_guard.operations.report import audit_record, human_bytes, verdict
 
 FACTS = Path(__file__).parent / "facts/facts.KsmHost"
@@ -73,8 +73,8 @@ def test_unmerge_need_counts_zero_pages() -> None:
 def test_unmerge_safe_against_the_fraction() -> None:
     """1.0 GiB needed against 5.6 GiB available: safe at 50 %, unsafe at 10 %."""
     fact = _fact("pve_layout_kernel_6_8")
-    assert audit_record(fact, 0.5)["unmerge_safe"] is True
-    assert audit_record(fact, 0.1)["unmerge_safe"] is False
+    assert audit_record(fact, Options(max_fraction=0.5))["unmerge_safe"] is True
+    assert audit_record(fact, Options(max_fraction=0.1))["unmerge_safe"] is False
 
 
 @pytest.mark.parametrize(
