@@ -14,6 +14,7 @@ import testinfra
 
 HOSTS_OPTION = "--ksm-guard-hosts"
 HOST_PROPERTY = "host"  # each JUnit testcase's <property name="host" value="web1"/>
+CONTROL_PROPERTY = "control"  # and <property name="control" value="KSM-1"/> (controls.py IDs)
 _SPECS = pytest.StashKey[dict[str, str]]()
 
 
@@ -27,6 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "control(id): the control ID (KSM-1...) a check proves")
     pairs = json.loads(Path(config.getoption(HOSTS_OPTION)).read_text(encoding="utf-8"))
     config.stash[_SPECS] = {str(name): str(spec) for name, spec in pairs}
 
@@ -43,6 +45,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "host" in callspec.params:
             item.user_properties.append((HOST_PROPERTY, callspec.params["host"]))
+        marker = item.get_closest_marker("control")
+        if marker is not None:
+            item.user_properties.append((CONTROL_PROPERTY, str(marker.args[0])))
 
 
 @pytest.fixture(scope="module")

@@ -239,3 +239,22 @@ def test_an_unwritable_junit_path_is_a_usage_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr.startswith("ksm-guard: cannot write the JUnit report ")
     assert result.stdout == ""
+
+
+def test_every_junit_case_names_its_control(tmp_path: Path) -> None:
+    """Each check's case carries the control ID it proves (KSM-1..KSM-4), as the audit has them."""
+    from ksm_guard.operations.controls import CONTROLS
+
+    junit = tmp_path / "local.xml"
+    result = runner.invoke(app, ["verify", "-i", "@local", "--junit-xml", str(junit)])
+    assert result.exit_code in (0, 1), result.output
+    cases = list(ET.parse(junit).getroot().iter("testcase"))
+    controls = {
+        case.get("name"): {
+            p.get("value") for p in case.iter("property") if p.get("name") == "control"
+        }
+        for case in cases
+    }
+    assert all(len(ids) == 1 for ids in controls.values()), controls
+    assert {next(iter(ids)) for ids in controls.values()} == {"KSM-1", "KSM-2", "KSM-3", "KSM-4"}
+    assert {c.id for c in CONTROLS} >= {next(iter(ids)) for ids in controls.values()}
