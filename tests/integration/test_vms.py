@@ -205,6 +205,38 @@ def test_vm_optout_from_pyinfra_deploy(node: Guest, inv: str) -> None:
     assert "[PENDING]\nallow-ksm: 0" in conf(node, 100)
 
 
+def test_strict_policy_names_the_vm_still_running_with_ksm(node: Guest, inv: str) -> None:
+    """--policy strict on the node (qemu-server 9.0.27, VM 100 opted out but running): KSM-6
+    fails beside the host controls; host policy does not look at VMs."""
+    strict = hosts_of(ksm_guard("audit", "--policy", "strict", "-i", inv, "-o", "json"))
+    audit = strict[node.name]["audit"]
+    assert audit["per_vm_rule"] == "applied"
+    assert {"KSM-1", "KSM-2", "KSM-3", "KSM-6"} <= set(audit["failed_controls"])
+    assert "KSM-5" not in audit["failed_controls"]  # 100 (pending) and 101 have allow-ksm 0
+    host = hosts_of(ksm_guard("audit", "-i", inv, "-o", "json"))[node.name]["audit"]
+    assert {c["id"]: c["result"] for c in host["controls"]}["KSM-6"] == "skip"
+
+
+def test_a_waived_node_is_left_as_it_is(node: Guest, tmp_path: Path) -> None:
+    """ksm_waiver in host data: disable and deploy.py leave the node merging (waived, exit 0)."""
+    waiver = {"reason": "ksm-guard VM test", "approved_by": "tests", "expires": "2099-12-31"}
+    name, data = node.pyinfra_host()
+    path = tmp_path / "waived.py"
+    path.write_text(f"hosts = [({name!r}, {{**{data!r}, 'ksm_waiver': {waiver!r}}})]\n")
+    result = ksm_guard("disable", "--yes", "-i", str(path), "-o", "json")
+    host = hosts_of(result)[name]
+    assert (result.returncode, host["status"], host["verdict"]) == (0, "waived", "waived")
+    deploy = subprocess.run(
+        [str(BIN / "pyinfra"), "-y", str(path), "deploy.py", "--data", "ksm_mode=disable"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert "waived until 2099-12-31" in deploy.stdout + deploy.stderr
+    assert node.testinfra_host().file("/sys/kernel/mm/ksm/run").content_string.strip() == "1"
+    state = node.testinfra_host().service("ksmtuned.service").systemd_properties
+    assert (state["UnitFileState"], state["ActiveState"]) == ("enabled", "active")
+
+
 def test_unmerge_brings_vm_100_to_zero(node: Guest, inv: str) -> None:
     """After ksm-guard unmerge, VM 100 reads 0 merged bytes, in the audit and in /proc."""
     result = ksm_guard("unmerge", "--yes", "-i", inv, "-o", "json")
