@@ -62,9 +62,13 @@ def node(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterator[Gues
         guest.ssh(SETUP)
         guest.ssh("cat > /usr/sbin/qm && chmod 755 /usr/sbin/qm", input=QM_STAND_IN.read_text())
         guest.ssh("cat > /var/tmp/workload.py", input=WORKLOAD_SCRIPT.read_text())
+        # After the workload's own arguments (size, pid file, lifetime), the -id and -pidfile
+        # qemu-server gives a VM (QemuServer.pm config_to_command): qemu-server, and ksm-guard,
+        # know a VM's process by the -pidfile it was started with.
         guest.ssh(
             "cd /; nohup setsid /usr/local/lib/fake-pve/kvm /var/tmp/workload.py"
-            f" {MIB} /var/run/qemu-server/100.pid >/var/tmp/kvm.log 2>&1 </dev/null &"
+            f" {MIB} /var/run/qemu-server/100.pid 3600 -id 100"
+            " -pidfile /var/run/qemu-server/100.pid >/var/tmp/kvm.log 2>&1 </dev/null &"
         )
         pages = MIB * 1024 * 1024 // 4096
         guest.ssh(
