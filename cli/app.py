@@ -401,10 +401,11 @@ def verify(
 
 
 PLAN_EXIT_CODES = (
-    "Exit codes: 0 every host can switch KSM off and unmerge safely as it is; 1 VMs must move "
-    "first, or the fleet cannot absorb it (RAM missing); 2 usage error (bad option, unreadable "
-    "--from file, missing or broken inventory); 3 a host was unreachable or its state could "
-    "not be read (the others are still planned)."
+    "Exit codes: 0 a safe plan exists: every host can switch KSM off and unmerge safely, as it "
+    "is or after the proposed moves; 1 none exists (RAM missing, or a host's settings block "
+    "its unmerge); 2 usage error (bad option, unreadable --from file, missing or broken "
+    "inventory); 3 a host was unreachable or its state could not be read (the others are "
+    "still planned)."
 )
 
 

@@ -22,10 +22,13 @@ from .engine import EXIT_NONCOMPLIANT, EXIT_OK, EXIT_UNREACHABLE, Request, RunRe
 
 
 def exit_code(plan: CapacityPlan) -> int:
-    """3 when a host could not be read, else 1 when moves are needed or impossible, else 0."""
+    """
+    3 when a host could not be read, else 1 when no safe plan exists (RAM missing, settings
+    blocking a host), else 0: a safe plan exists, with or without moves.
+    """
     if plan.unread:
         return EXIT_UNREACHABLE
-    return EXIT_OK if plan.outcome is Outcome.SAFE else EXIT_NONCOMPLIANT
+    return EXIT_NONCOMPLIANT if plan.outcome is Outcome.IMPOSSIBLE else EXIT_OK
 
 
 def inputs_from_run(result: RunResult) -> list[HostInput]:
