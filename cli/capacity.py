@@ -7,17 +7,21 @@ import sys
 from collections.abc import Callable
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 from ksm_guard.operations.capacity import (
+    DEFAULT_MIN_HEADROOM,
     CapacityInputError,
     CapacityPlan,
     HostInput,
     Outcome,
     hosts_from_document,
+    plan_capacity,
 )
 from ksm_guard.operations.model import Mode
 from ksm_guard.operations.plan import RefusalCode
 
+from .capacity_render import plan_document
 from .engine import EXIT_NONCOMPLIANT, EXIT_OK, EXIT_UNREACHABLE, Request, RunResult, UsageError
 
 
@@ -80,3 +84,19 @@ def read_file(path: Path, limit: list[str]) -> list[HostInput]:
     if not kept:
         raise UsageError(f"--limit {' '.join(limit)} matches no host of {path}")
     return kept
+
+
+def capacity_summary(
+    document: object,
+    min_headroom: float = DEFAULT_MIN_HEADROOM,
+    max_fraction: float | None = None,
+) -> dict[str, Any]:
+    """
+    The capacity plan of a saved result, as the dict ``plan --from FILE -o json`` prints: for
+    the evidence report (``ksm-guard report``) and anything else holding a ``-o json`` document
+    with ``hosts[].host`` and ``hosts[].audit`` (audit, or a change mode's closing audit).
+    Hosts without an audit are listed unread and make ``exit_code`` 3, as in ``plan``. Raises
+    ``CapacityInputError`` (one line naming the host and field) for a document it cannot read.
+    """
+    plan = plan_capacity(hosts_from_document(document), min_headroom, max_fraction)
+    return plan_document(plan, exit_code(plan))

@@ -175,16 +175,41 @@ def _move(move: Move) -> dict[str, Any]:
     }
 
 
-def as_json(plan: CapacityPlan, code: int) -> str:
-    """The ``plan -o json`` document (``schema_version`` 1)."""
+def _host(host: HostCapacity | HostInput) -> dict[str, Any]:
+    """A host of the document: ``safe_now`` and ``headroom_after_bytes`` (after the moves) up
+    front, the figures in ``capacity``; all null for a host that could not be read."""
+    if isinstance(host, HostInput):
+        return {
+            "host": host.host,
+            "safe_now": None,
+            "safe_after": None,
+            "headroom_after_bytes": None,
+            "detail": host.detail,
+            "capacity": None,
+        }
+    return {
+        "host": host.host,
+        "safe_now": host.safe_now,
+        "safe_after": host.safe_after,
+        "headroom_after_bytes": host.after.left,
+        "detail": None,
+        "capacity": _capacity(host),
+    }
+
+
+def plan_document(plan: CapacityPlan, code: int) -> dict[str, Any]:
+    """The ``plan -o json`` document (``schema_version`` 1) as a dict."""
     from .engine import SCHEMA_VERSION
 
     hosts = plan.hosts
-    document = {
+    feasible = plan.outcome is not Outcome.IMPOSSIBLE
+    return {
         "schema_version": SCHEMA_VERSION,
         "mode": "plan",
         "exit_code": code,
         "outcome": plan.outcome,
+        "feasible": feasible,
+        "shortfall_bytes": 0 if feasible else plan.missing,
         "min_headroom": plan.min_headroom,
         "summary": {
             "hosts": len(hosts) + len(plan.unread),
@@ -199,12 +224,11 @@ def as_json(plan: CapacityPlan, code: int) -> str:
             "moved_bytes": sum(move.size_bytes for move in plan.moves),
             "missing_bytes": plan.missing,
         },
-        "hosts": [
-            {"host": host.host, "detail": host.detail, "capacity": None}
-            if isinstance(host, HostInput)
-            else {"host": host.host, "detail": None, "capacity": _capacity(host)}
-            for host in plan.in_order()
-        ],
+        "hosts": [_host(host) for host in plan.in_order()],
         "moves": [_move(move) for move in plan.moves],
     }
-    return json.dumps(document, indent=2)
+
+
+def as_json(plan: CapacityPlan, code: int) -> str:
+    """The ``plan -o json`` document, printed."""
+    return json.dumps(plan_document(plan, code), indent=2)

@@ -92,6 +92,27 @@ def test_plan(path: Path) -> None:
         assert_subset(move, wanted, f"moves[{number}]")
 
 
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_the_issue_fields_agree_with_the_figures(path: Path) -> None:
+    """
+    ``feasible``, ``shortfall_bytes`` (0 when feasible, else the RAM missing), and per host
+    ``safe_now`` and ``headroom_after_bytes`` (what is left after the moves and the unmerge).
+    """
+    _, document, _ = planned(path)
+    feasible = document["outcome"] != "impossible"
+    assert document["feasible"] is feasible
+    assert document["shortfall_bytes"] == (0 if feasible else document["summary"]["missing_bytes"])
+    for host in document["hosts"]:
+        capacity = host["capacity"]
+        if capacity is None:
+            assert host["safe_now"] is host["headroom_after_bytes"] is None
+            continue
+        assert host["safe_now"] is capacity["safe"]
+        assert host["safe_after"] is capacity["after_moves"]["safe"]
+        after = capacity["after_moves"]["available_after_unmerge_bytes"]
+        assert host["headroom_after_bytes"] == after
+
+
 def state_of(audit: dict[str, Any]) -> HostState:
     """The host state an audit record was made from, as far as unmerge's preflight reads it."""
     need_pages = audit["unmerge_need_bytes"] // audit["page_size"]

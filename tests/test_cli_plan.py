@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ksm_guard.cli.app import app
-from ksm_guard.cli.capacity import exit_code
+from ksm_guard.cli.capacity import capacity_summary, exit_code
 from ksm_guard.cli.capacity_render import as_json
-from ksm_guard.operations.capacity import hosts_from_document, plan_capacity
+from ksm_guard.operations.capacity import CapacityInputError, hosts_from_document, plan_capacity
 from tests.test_capacity import CASES, load_case
 from tests.vm.harness import free_port
 
@@ -42,6 +42,22 @@ def test_plan_from_a_saved_audit_prints_the_plan(path: Path, tmp_path: Path) -> 
     capacity = plan_capacity(hosts_from_document(json.loads(file.read_text())), **options)
     assert result.exit_code == expected["exit_code"] == exit_code(capacity), result.output
     assert json.loads(result.stdout) == json.loads(as_json(capacity, exit_code(capacity)))
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_the_report_gets_the_document_plan_prints(path: Path, tmp_path: Path) -> None:
+    """capacity_summary(saved result): the dict plan --from FILE -o json prints, exit code too."""
+    file, options, _ = saved(tmp_path, path.stem)
+    result = runner.invoke(app, ["plan", "--from", str(file), "-o", "json", *_option_args(options)])
+    summary = capacity_summary(json.loads(file.read_text()), **options)
+    assert summary == json.loads(result.stdout)
+    assert summary["exit_code"] == result.exit_code
+
+
+def test_capacity_summary_refuses_a_document_it_cannot_read() -> None:
+    """A document without hosts raises the one-line CapacityInputError plan prints."""
+    with pytest.raises(CapacityInputError, match="no hosts list"):
+        capacity_summary({"hosts": []})
 
 
 def test_the_table_names_the_moves_and_the_cluster(tmp_path: Path) -> None:
