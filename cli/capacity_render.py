@@ -68,6 +68,30 @@ def move_line(move: Move) -> str:
     )
 
 
+def command_line(move: Move) -> str | None:
+    """``on pve-a: qm migrate 102 pve-c --online``: where to run what (None: not a Proxmox VM)."""
+    if move.command is None:
+        return None
+    return f"on {move.source_node or move.source}: {move.command}"
+
+
+def node_notes(plan: CapacityPlan) -> list[str]:
+    """The hosts the qm lines name by inventory name: their audits carry no hostname."""
+    named = {
+        name
+        for move in plan.moves
+        if move.command is not None
+        for name, node in ((move.source, move.source_node), (move.target, move.target_node))
+        if node is None
+    }
+    return [
+        f"{name}: no node name in its audit (evidence.hostname): "
+        "the qm lines use its inventory name"
+        for name in plan.order
+        if name in named
+    ]
+
+
 def summary_line(plan: CapacityPlan, code: int) -> str:
     """The cluster in one line: RAM, what KSM saves, what is left after unmerge, the moves."""
     hosts = plan.hosts
@@ -112,9 +136,14 @@ def table(plan: CapacityPlan, code: int) -> str:
         header += ["LEFT AFTER MOVES", "SAFE AFTER"]
     lines = _columns([header] + [_row(host, moves) for host in plan.in_order()])
     if moves:
-        lines += ["", "moves (once disable has stopped merging everywhere, before unmerge):"]
-        lines += [f"  {move_line(move)}" for move in plan.moves]
-    notes = []
+        lines += [
+            "",
+            "moves (once disable has stopped merging everywhere, before unmerge; nothing is run):",
+        ]
+        for move in plan.moves:
+            command = command_line(move)
+            lines += [f"  {move_line(move)}", *([f"    {command}"] if command else [])]
+    notes = node_notes(plan)
     for host in plan.hosts:
         if not host.safe_now:
             notes.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
@@ -168,6 +197,10 @@ def _move(move: Move) -> dict[str, Any]:
         "from": move.source,
         "to": move.target,
         "bytes": move.size_bytes,
+        "command": move.command,
+        "run_on": move.source_node or move.source,
+        "to_node": move.target_node or move.target,
+        "to_node_from": "inventory" if move.target_node is None else "hostname",
         "size_from": vm.size_source,
         "rss_bytes": vm.rss_bytes,
         "configured_bytes": vm.configured_bytes,
@@ -181,6 +214,7 @@ def _host(host: HostCapacity | HostInput) -> dict[str, Any]:
     if isinstance(host, HostInput):
         return {
             "host": host.host,
+            "node": None,
             "safe_now": None,
             "safe_after": None,
             "headroom_after_bytes": None,
@@ -189,6 +223,7 @@ def _host(host: HostCapacity | HostInput) -> dict[str, Any]:
         }
     return {
         "host": host.host,
+        "node": host.load.node,
         "safe_now": host.safe_now,
         "safe_after": host.safe_after,
         "headroom_after_bytes": host.after.left,

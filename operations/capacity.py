@@ -25,6 +25,7 @@ is stopped everywhere (``disable``) and before ``unmerge``:
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -96,6 +97,12 @@ class HostLoad:
     max_fraction: float
     vms: tuple[VmLoad, ...] = ()
     blocked: str | None = None  # unmerge refuses the host whatever its memory (bad settings)
+    node: str | None = None  # its Proxmox VE node name, from its own hostname; None: unknown
+
+    @property
+    def node_name(self) -> str:
+        """The node name ``qm migrate`` wants: the host's own, else its inventory name."""
+        return self.node or self.host
 
 
 @dataclass(frozen=True)
@@ -123,15 +130,30 @@ class Memory:
 
 @dataclass(frozen=True)
 class Move:
-    """One VM to move before the unmerge."""
+    """One VM to move before the unmerge; the node names are the hosts' own when known."""
 
     vm: VmLoad
     source: str
     target: str
+    source_node: str | None = None
+    target_node: str | None = None
 
     @property
     def size_bytes(self) -> int:
         return self.vm.size_bytes or 0
+
+    @property
+    def command(self) -> str | None:
+        """
+        ``qm migrate 102 pve-c --online``, to run on the source node: for a Proxmox VE VM (one
+        with a VMID), naming the target by its node name, else by its inventory name. Nothing
+        runs it.
+        """
+        if not self.vm.vmid:
+            return None
+        return shlex.join(
+            ["qm", "migrate", self.vm.vmid, self.target_node or self.target, "--online"]
+        )
 
 
 @dataclass(frozen=True)
@@ -332,7 +354,9 @@ class _Fleet:
     def move(self, vm: VmLoad, source: str, target: str) -> None:
         self.out[source].append(vm)
         self.into[target].append(vm)
-        self.moves.append(Move(vm, source, target))
+        self.moves.append(
+            Move(vm, source, target, self.loads[source].node, self.loads[target].node)
+        )
         self.room.pop(target, None)
 
     def undo(self, source: str) -> None:
@@ -456,6 +480,18 @@ def _text(record: Mapping[str, object], key: str, where: str) -> str | None:
     return value
 
 
+def node_name(audit: Mapping[str, object]) -> str | None:
+    """
+    The host's Proxmox VE node name: its own hostname (``evidence.hostname``, read when the audit
+    has it) up to the first dot, as Proxmox VE names nodes. None when absent or not a name.
+    """
+    evidence = audit.get("evidence")
+    hostname = evidence.get("hostname") if isinstance(evidence, Mapping) else None
+    if not isinstance(hostname, str):
+        return None
+    return hostname.strip().split(".")[0] or None
+
+
 def vm_load(vm: Mapping[str, object], page_size: int, where: str) -> VmLoad:
     """One entry of an audit's ``vms``; ``rss_bytes`` and ``configured_bytes`` may be absent."""
     zero_pages = _number(vm, "ksm_zero_pages", where, optional=True)
@@ -496,6 +532,7 @@ def host_load(
         max_fraction=float(fraction),
         vms=tuple(vm_load(vm, page_size, f"{where}.vms[{index}]") for index, vm in enumerate(vms)),
         blocked=blocked,
+        node=node_name(audit),
     )
 
 

@@ -27,6 +27,7 @@ from ksm_guard.operations.capacity import (
     HostInput,
     Outcome,
     hosts_from_document,
+    node_name,
     plan_capacity,
 )
 from ksm_guard.operations.model import HostState, Mode, Options
@@ -236,6 +237,20 @@ def test_a_host_called_safe_is_never_refused_by_unmerge(fact: Path) -> None:
             assert not refused_as_unsafe(state, fraction)
         preflight = any(reason.startswith("unmerge refused") for reason in host.reasons_now)
         assert refused_as_unsafe(state, fraction) == preflight
+
+
+@pytest.mark.parametrize(
+    ("audit", "node"),
+    [({}, None), ({"evidence": None}, None), ({"evidence": "pve-a"}, None),
+     ({"evidence": {}}, None), ({"evidence": {"hostname": ""}}, None),
+     ({"evidence": {"hostname": ["pve-a"]}}, None), ({"evidence": {"hostname": "pve-a"}}, "pve-a"),
+     ({"evidence": {"hostname": " pve-a.example.org\n"}}, "pve-a")],
+)  # fmt: skip
+def test_the_node_name_is_the_short_hostname_when_the_audit_has_one(
+    audit: dict[str, object], node: str | None
+) -> None:
+    """evidence.hostname up to the first dot; anything else is no node name (never an error)."""
+    assert node_name(audit) == node
 
 
 BAD_DOCUMENTS = {

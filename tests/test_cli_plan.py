@@ -75,6 +75,22 @@ def test_the_table_names_the_moves_and_the_cluster(tmp_path: Path) -> None:
     assert lines[-1].endswith("2 move(s), 18.0 GiB: every host safe after the moves; exit 0")
 
 
+def test_the_table_has_the_qm_lines_with_node_names(tmp_path: Path) -> None:
+    """Under each Proxmox VM's move, its qm line; hosts without a node name are said so."""
+    file, _, _ = saved(tmp_path, "node_names")
+    result = runner.invoke(app, ["plan", "--from", str(file)])
+    lines = result.stdout.splitlines()
+    start = lines.index("  VM 201 (web): pve-a → 10.0.0.2, 8.0 GiB (rss; 2.0 GiB merged)")
+    assert lines[start + 1] == "    on pve-a: qm migrate 201 pve-b --online"
+    assert lines[start + 2].startswith("  pid 3001 (plain-qemu): pve-a → 10.0.0.2, 6.0 GiB")
+    assert "qm" not in lines[start + 3]
+    assert (
+        "pve-a: no node name in its audit (evidence.hostname): the qm lines use its inventory name"
+        in lines
+    )
+    assert not any(line.startswith("10.0.0.2: no node name") for line in lines)
+
+
 def test_the_table_says_what_ram_is_missing(tmp_path: Path) -> None:
     """When the fleet cannot absorb it, the cluster line says how much RAM is missing, where."""
     file, _, _ = saved(tmp_path, "impossible")
