@@ -68,6 +68,13 @@ def move_line(move: Move) -> str:
     )
 
 
+def search_words(plan: CapacityPlan) -> str:
+    """How the moves were chosen: the fewest bytes for sure, or the greedy's."""
+    if plan.exhaustive:
+        return "the fewest bytes, searched exhaustively"
+    return "greedy: too many VMs to search them all"
+
+
 def command_line(move: Move) -> str | None:
     """``on pve-a: qm migrate 102 pve-c --online``: where to run what (None: not a Proxmox VM)."""
     if move.command is None:
@@ -138,7 +145,8 @@ def table(plan: CapacityPlan, code: int) -> str:
     if moves:
         lines += [
             "",
-            "moves (once disable has stopped merging everywhere, before unmerge; nothing is run):",
+            f"moves ({search_words(plan)}; once disable has stopped merging everywhere, "
+            "before unmerge; nothing is run):",
         ]
         for move in plan.moves:
             command = command_line(move)
@@ -245,6 +253,7 @@ def plan_document(plan: CapacityPlan, code: int) -> dict[str, Any]:
         "outcome": plan.outcome,
         "feasible": feasible,
         "shortfall_bytes": 0 if feasible else plan.missing,
+        "search": "exhaustive" if plan.exhaustive else "greedy",
         "min_headroom": plan.min_headroom,
         "summary": {
             "hosts": len(hosts) + len(plan.unread),
