@@ -99,15 +99,35 @@ def node_notes(plan: CapacityPlan) -> list[str]:
     ]
 
 
+def n_plus_1_line(plan: CapacityPlan) -> str:
+    """Whether the others, KSM off, take the VMs of the most loaded host if it fails."""
+    check = plan.n_plus_1
+    if check is None or check.host is None:
+        return "N+1: no VM memory known: no host's failure to weigh"
+    unknown = f", {check.unknown} of unknown size not counted" if check.unknown else ""
+    vms = f"its {check.vms} VM(s) ({human_bytes(check.bytes)}{unknown})"
+    keeping = f"each keeping {plan.min_headroom * 100:g}% of RAM available"
+    if check.fits:
+        return f"N+1: if {check.host} fails, {vms} fit on the other hosts with KSM off, {keeping}"
+    how = "" if check.exhaustive else " (greedy packing: too many VMs to try every one)"
+    return (
+        f"N+1: if {check.host} fails, {vms} do not fit on the other hosts with KSM off, "
+        f"{keeping}: {human_bytes(check.shortfall)} short{how}"
+    )
+
+
 def summary_line(plan: CapacityPlan, code: int) -> str:
-    """The cluster in one line: RAM, what KSM saves, what is left after unmerge, the moves."""
+    """
+    The pool in one line: RAM, what KSM saves, what is left after unmerge, the moves. The pool
+    is every host read, as one: cluster membership is not read.
+    """
     hosts = plan.hosts
     total = sum(host.load.mem_total for host in hosts)
     left = sum(host.now.left for host in hosts)
     unsafe = sum(not host.safe_now for host in hosts)
     unread = f", {len(plan.unread)} unread" if plan.unread else ""
     text = (
-        f"cluster: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
+        f"pool: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
         f"RAM {human_bytes(total)}, available {human_bytes(sum(h.now.available for h in hosts))}, "
         f"KSM saves {human_bytes(sum(h.now.need for h in hosts))}; after unmerge "
         f"{human_bytes(left)} ({_share(left, total)}) available"
@@ -121,7 +141,7 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
         blocked = [host.host for host in short if host.missing is None]
         if lacking:
             text += (
-                f"; the fleet cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
+                f"; the pool cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
                 f"({', '.join(lacking)})"
             )
         if blocked:
@@ -135,7 +155,7 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
 
 
 def table(plan: CapacityPlan, code: int) -> str:
-    """One row per host, the moves, why hosts are unsafe, then the cluster line."""
+    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
     moves = bool(plan.moves)
     header = ["HOST", "RAM", "AVAILABLE", "KSM SAVED", "NEED / ALLOWED", "LEFT AFTER UNMERGE"]
     header += ["VM CONFIGURED", "SAFE"]
@@ -161,7 +181,7 @@ def table(plan: CapacityPlan, code: int) -> str:
     notes += [f"{host.host}: {host.detail}" for host in plan.unread]
     if notes:
         lines += ["", *notes]
-    return "\n".join([*lines, "", summary_line(plan, code)])
+    return "\n".join([*lines, "", n_plus_1_line(plan), summary_line(plan, code)])
 
 
 def _figures(memory: Memory, host: HostCapacity) -> dict[str, Any]:
@@ -270,6 +290,22 @@ def plan_document(plan: CapacityPlan, code: int) -> dict[str, Any]:
         },
         "hosts": [_host(host) for host in plan.in_order()],
         "moves": [_move(move) for move in plan.moves],
+        "n_plus_1": _n_plus_1(plan),
+    }
+
+
+def _n_plus_1(plan: CapacityPlan) -> dict[str, Any] | None:
+    check = plan.n_plus_1
+    if check is None:
+        return None
+    return {
+        "host": check.host,
+        "bytes": check.bytes,
+        "vms": check.vms,
+        "vms_size_unknown": check.unknown,
+        "fits": check.fits,
+        "shortfall_bytes": check.shortfall,
+        "search": "exhaustive" if check.exhaustive else "greedy",
     }
 
 

@@ -5,7 +5,8 @@ its promise that a host it calls safe is one ``unmerge`` does not refuse.
 A case is a saved ``ksm-guard audit -o json`` document (``hosts[].host``, ``hosts[].audit``;
 byte counts may be written ``12 GiB``), optional ``options`` (``min_headroom``,
 ``max_fraction``) and ``expected``: the parts of the ``plan -o json`` document that matter to the
-scenario (``hosts`` by name, each a subset of its ``capacity``; ``moves`` in order, each a subset).
+scenario (``hosts`` by name, each a subset of its ``capacity``; ``moves`` in order, each a subset;
+``n_plus_1`` a subset).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def test_plan(path: Path) -> None:
             assert hosts[name]["capacity"] is None and hosts[name]["detail"]
         else:
             assert_subset(hosts[name]["capacity"], wanted, name)
+    assert_subset(document["n_plus_1"], expected.get("n_plus_1", {}), "n_plus_1")
     assert len(document["moves"]) == len(expected["moves"])
     for number, (move, wanted) in enumerate(zip(document["moves"], expected["moves"], strict=True)):
         assert_subset(move, wanted, f"moves[{number}]")

@@ -17,11 +17,13 @@ from ksm_guard.operations.capacity import (
     SEARCH_VMS,
     CapacityPlan,
     HostInput,
+    Memory,
     Outcome,
     VmLoad,
     after_moves,
     host_load,
     hosts_from_document,
+    memory_reasons,
     plan_capacity,
     unsafe_reasons,
 )
@@ -124,6 +126,48 @@ def test_the_plan_moves_the_fewest_bytes_there_are(seed: int) -> None:
     if best is not None:
         assert moved(plan) == best
     assert_moves_only_shift_memory(plan)  # targets safe before and after
+
+
+def n_plus_1_fits(plan: CapacityPlan) -> bool | None:
+    """
+    Whether some assignment of the most loaded host's VMs (after the moves) to the other hosts
+    safe after the moves leaves each of them ``min_headroom`` of RAM with KSM off (need 0,
+    ``MemAvailable - need`` left). None: no VM memory anywhere.
+    """
+    running = {host.host: list(host.load.vms) for host in plan.hosts}
+    for move in plan.moves:
+        running[move.source].remove(move.vm)
+        running[move.target].append(move.vm)
+    weight = {name: sum(vm.size_bytes or 0 for vm in vms) for name, vms in running.items()}
+    if not any(weight.values()):
+        return None
+    failed = max(plan.hosts, key=lambda host: weight[host.host])
+    others = [host for host in plan.hosts if host is not failed and host.safe_after]
+    vms = [vm for vm in running[failed.host] if vm.size_bytes is not None]
+    for choice in product(range(len(others)), repeat=len(vms)):
+        taken = [0] * len(others)
+        for vm, index in zip(vms, choice, strict=True):
+            taken[index] += vm.size_bytes or 0
+        if all(
+            not memory_reasons(host.load, Memory(host.after.left - extra, 0), plan.min_headroom)
+            for host, extra in zip(others, taken, strict=True)
+        ):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_n_plus_1_fits_exactly_when_some_placement_does(seed: int) -> None:
+    """The N+1 check against every placement of the failed host's VMs on the others."""
+    hosts, min_headroom = case(seed)
+    plan = plan_capacity(hosts, min_headroom)
+    check = plan.n_plus_1
+    assert check is not None and check.exhaustive
+    fits = n_plus_1_fits(plan)
+    assert check.fits is (fits is not False)
+    assert (check.host is None) is (fits is None)
+    assert (check.shortfall > 0) is (not check.fits)
+    assert check.shortfall <= check.bytes
 
 
 def greedy_figures(fleets: int) -> dict[str, float]:

@@ -60,8 +60,8 @@ def test_capacity_summary_refuses_a_document_it_cannot_read() -> None:
         capacity_summary({"hosts": []})
 
 
-def test_the_table_names_the_moves_and_the_cluster(tmp_path: Path) -> None:
-    """The table: a row per host, the moves in order, why a host is unsafe, the cluster line."""
+def test_the_table_names_the_moves_and_the_pool(tmp_path: Path) -> None:
+    """The table: a row per host, the moves in order, why a host is unsafe, the pool line."""
     file, _, _ = saved(tmp_path, "two_moves_largest_first")
     result = runner.invoke(app, ["plan", "--from", str(file)])
     lines = result.stdout.splitlines()
@@ -71,7 +71,7 @@ def test_the_table_names_the_moves_and_the_cluster(tmp_path: Path) -> None:
     assert "  VM 102 (b): pve-a → pve-c, 12.0 GiB (rss; 4.0 GiB merged)" in lines
     assert "  VM 103 (c): pve-a → pve-c, 6.0 GiB (rss; 2.0 GiB merged)" in lines
     assert any(line.startswith("pve-a: unsafe: unmerge refused: needs 14.0 GiB") for line in lines)
-    assert lines[-1].startswith("cluster: 3 host(s), 1 unsafe as they are; RAM 192.0 GiB")
+    assert lines[-1].startswith("pool: 3 host(s), 1 unsafe as they are; RAM 192.0 GiB")
     assert lines[-1].endswith("2 move(s), 18.0 GiB: every host safe after the moves; exit 0")
 
 
@@ -91,14 +91,27 @@ def test_the_table_has_the_qm_lines_with_node_names(tmp_path: Path) -> None:
     assert not any(line.startswith("10.0.0.2: no node name") for line in lines)
 
 
+def test_the_table_has_the_n_plus_1_line(tmp_path: Path) -> None:
+    """Above the pool line: whether the others take the most loaded host's VMs, and how short."""
+    file, _, _ = saved(tmp_path, "n_plus_1_short")
+    result = runner.invoke(app, ["plan", "--from", str(file)])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0  # N+1 informs; it does not decide the exit code
+    assert lines[-2] == (
+        "N+1: if pve-a fails, its 4 VM(s) (40.0 GiB, 1 of unknown size not counted) do not fit "
+        "on the other hosts with KSM off, each keeping 10% of RAM available: 8.0 GiB short"
+    )
+    assert lines[-1].startswith("pool: 3 host(s), 0 unsafe as they are")
+
+
 def test_the_table_says_what_ram_is_missing(tmp_path: Path) -> None:
-    """When the fleet cannot absorb it, the cluster line says how much RAM is missing, where."""
+    """When the pool cannot absorb it, the pool line says how much RAM is missing, where."""
     file, _, _ = saved(tmp_path, "impossible")
     result = runner.invoke(app, ["plan", "--from", str(file)])
     assert result.exit_code == 1
     assert "pve-a: still unsafe after the moves, 23.0 GiB missing" in result.stdout
     assert result.stdout.rstrip().endswith(
-        "the fleet cannot absorb it: 23.0 GiB of RAM missing (pve-a 23.0 GiB); exit 1"
+        "the pool cannot absorb it: 23.0 GiB of RAM missing (pve-a 23.0 GiB); exit 1"
     )
 
 
