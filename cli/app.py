@@ -279,6 +279,11 @@ def disable(
     )  # fmt: skip
 
 
+class RolloutOrder(StrEnum):
+    inventory = "inventory"
+    plan = "plan"
+
+
 @app.command(epilog=EXIT_CODES)
 def unmerge(
     inventory: InventoryOpt = "@local",
@@ -290,6 +295,14 @@ def unmerge(
     batch: BatchOpt = None,
     serial: SerialOpt = False,
     continue_on_error: ContinueOpt = False,
+    order: Annotated[
+        RolloutOrder,
+        typer.Option(
+            "--order",
+            help="Rollout order: the inventory's, or 'plan': first the hosts the capacity plan "
+            "(ksm-guard plan) calls safe as they are, no VM to move; inventory order within each.",
+        ),
+    ] = RolloutOrder.inventory,
     progress: ProgressOpt = None,
     mask: MaskOpt = False,
     force: ForceOpt = False,
@@ -305,7 +318,7 @@ def unmerge(
     _execute(
         "unmerge", output, yes, verbose, progress, inventory=inventory, limit=limit or [],
         dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
-        continue_on_error=continue_on_error,
+        continue_on_error=continue_on_error, order=order.value,
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
     )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from ksm_guard.operations.capacity import (
     Outcome,
     hosts_from_document,
     plan_capacity,
+    safe_first,
 )
 from ksm_guard.operations.model import Mode
 from ksm_guard.operations.plan import RefusalCode
@@ -44,6 +45,16 @@ def inputs_from_run(result: RunResult) -> list[HostInput]:
         detail = host.detail if host.audit is not None else f"{host.verdict}: {host.detail}"
         inputs.append(HostInput(host.host, host.audit, detail, blocked))
     return inputs
+
+
+def plan_order(result: RunResult, names: Sequence[str]) -> list[str]:
+    """
+    ``names`` (hosts of ``result``) in the order ``unmerge --order plan`` rolls out: those the
+    capacity plan calls safe as they are (``--min-headroom`` 0.10, each host's own fraction)
+    first, then the rest; inventory order within each group.
+    """
+    inputs = {host.host: host for host in inputs_from_run(result)}
+    return safe_first([inputs[name] for name in names])
 
 
 def read_fleet(
