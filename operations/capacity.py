@@ -4,8 +4,11 @@ What switching KSM off costs each host and the cluster, and which VMs to move fi
 Pure: no pyinfra, no I/O. ``plan_capacity(hosts, min_headroom)`` takes each host's audit (a live
 read or a saved ``ksm-guard audit -o json``) and says, per host, whether its unmerge passes the
 very preflight ``unmerge`` applies (``plan.unmerge_refusal``) and leaves enough memory available;
-for hosts that fail, which VMs to move where so that every host ends safe, or how much RAM the
-fleet lacks.
+for hosts that fail, which VMs to move where so that every host ends safe, moving the fewest
+bytes (searched exhaustively when few VMs weigh, a greedy beyond), or how much RAM the pool
+lacks; and whether the others could take the most loaded host's VMs if it failed (N+1). The
+pool is every host given, as one: cluster membership is not read. ``safe_first`` orders hosts
+for ``unmerge --order plan``.
 
 The model. After KSM is off and unmerged, a host uses ``MemTotal - MemAvailable + need``, need
 being the unmerge need ``(pages_sharing + ksm_zero_pages) x page size``. A VM occupies its

@@ -83,6 +83,8 @@ def test_plan(path: Path) -> None:
     assert document["exit_code"] == expected["exit_code"]
     assert document["outcome"] == expected["outcome"]
     assert_subset(document, {"min_headroom": expected.get("min_headroom", 0.1)})
+    for key in ("feasible", "shortfall_bytes", "search"):
+        assert_subset(document, {key: expected[key]} if key in expected else {})
     assert_subset(document["summary"], expected.get("summary", {}), "summary")
     for name, wanted in expected["hosts"].items():
         if wanted is None:
