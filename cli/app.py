@@ -303,6 +303,11 @@ def disable(
     )  # fmt: skip
 
 
+class RolloutOrder(StrEnum):
+    inventory = "inventory"
+    plan = "plan"
+
+
 @app.command(epilog=EXIT_CODES)
 def unmerge(
     inventory: InventoryOpt = "@local",
@@ -314,6 +319,14 @@ def unmerge(
     batch: BatchOpt = None,
     serial: SerialOpt = False,
     continue_on_error: ContinueOpt = False,
+    order: Annotated[
+        RolloutOrder,
+        typer.Option(
+            "--order",
+            help="Rollout order: the inventory's, or 'plan': first the hosts the capacity plan "
+            "(ksm-guard plan) calls safe as they are, no VM to move; inventory order within each.",
+        ),
+    ] = RolloutOrder.inventory,
     progress: ProgressOpt = None,
     mask: MaskOpt = False,
     force: ForceOpt = False,
@@ -331,7 +344,7 @@ def unmerge(
     _execute(
         "unmerge", output, yes, verbose, progress, inventory=inventory, limit=limit or [],
         dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),
-        continue_on_error=continue_on_error,
+        continue_on_error=continue_on_error, order=order.value,
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
         policy=policy, ignore_waivers=ignore_waivers,
@@ -434,10 +447,11 @@ def verify(
 
 
 PLAN_EXIT_CODES = (
-    "Exit codes: 0 every host can switch KSM off and unmerge safely as it is; 1 VMs must move "
-    "first, or the fleet cannot absorb it (RAM missing); 2 usage error (bad option, unreadable "
-    "--from file, missing or broken inventory); 3 a host was unreachable or its state could "
-    "not be read (the others are still planned)."
+    "Exit codes: 0 a safe plan exists: every host can switch KSM off and unmerge safely, as it "
+    "is or after the proposed moves; 1 none exists (RAM missing, or a host's settings block "
+    "its unmerge); 2 usage error (bad option, unreadable --from file, missing or broken "
+    "inventory); 3 a host was unreachable or its state could not be read (the others are "
+    "still planned)."
 )
 
 

@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 from ksm_guard.operations.capacity import (
+    DEFAULT_MIN_HEADROOM,
     CapacityInputError,
     CapacityPlan,
     HostInput,
     Outcome,
     hosts_from_document,
+    plan_capacity,
+    safe_first,
 )
 from ksm_guard.operations.model import Mode
 from ksm_guard.operations.plan import RefusalCode
 
+from .capacity_render import plan_document
 from .engine import EXIT_NONCOMPLIANT, EXIT_OK, EXIT_UNREACHABLE, Request, RunResult, UsageError
 
 
 def exit_code(plan: CapacityPlan) -> int:
-    """3 when a host could not be read, else 1 when moves are needed or impossible, else 0."""
+    """
+    3 when a host could not be read, else 1 when no safe plan exists (RAM missing, settings
+    blocking a host), else 0: a safe plan exists, with or without moves.
+    """
     if plan.unread:
         return EXIT_UNREACHABLE
-    return EXIT_OK if plan.outcome is Outcome.SAFE else EXIT_NONCOMPLIANT
+    return EXIT_NONCOMPLIANT if plan.outcome is Outcome.IMPOSSIBLE else EXIT_OK
 
 
 def inputs_from_run(result: RunResult) -> list[HostInput]:
@@ -37,6 +45,16 @@ def inputs_from_run(result: RunResult) -> list[HostInput]:
         detail = host.detail if host.audit is not None else f"{host.verdict}: {host.detail}"
         inputs.append(HostInput(host.host, host.audit, detail, blocked))
     return inputs
+
+
+def plan_order(result: RunResult, names: Sequence[str]) -> list[str]:
+    """
+    ``names`` (hosts of ``result``) in the order ``unmerge --order plan`` rolls out: those the
+    capacity plan calls safe as they are (``--min-headroom`` 0.10, each host's own fraction)
+    first, then the rest; inventory order within each group.
+    """
+    inputs = {host.host: host for host in inputs_from_run(result)}
+    return safe_first([inputs[name] for name in names])
 
 
 def read_fleet(
@@ -77,3 +95,19 @@ def read_file(path: Path, limit: list[str]) -> list[HostInput]:
     if not kept:
         raise UsageError(f"--limit {' '.join(limit)} matches no host of {path}")
     return kept
+
+
+def capacity_summary(
+    document: object,
+    min_headroom: float = DEFAULT_MIN_HEADROOM,
+    max_fraction: float | None = None,
+) -> dict[str, Any]:
+    """
+    The capacity plan of a saved result, as the dict ``plan --from FILE -o json`` prints: for
+    the evidence report (``ksm-guard report``) and anything else holding a ``-o json`` document
+    with ``hosts[].host`` and ``hosts[].audit`` (audit, or a change mode's closing audit).
+    Hosts without an audit are listed unread and make ``exit_code`` 3, as in ``plan``. Raises
+    ``CapacityInputError`` (one line naming the host and field) for a document it cannot read.
+    """
+    plan = plan_capacity(hosts_from_document(document), min_headroom, max_fraction)
+    return plan_document(plan, exit_code(plan))

@@ -68,15 +68,66 @@ def move_line(move: Move) -> str:
     )
 
 
+def search_words(plan: CapacityPlan) -> str:
+    """How the moves were chosen: the fewest bytes for sure, or the greedy's."""
+    if plan.exhaustive:
+        return "the fewest bytes, searched exhaustively"
+    return "greedy: too many VMs to search them all"
+
+
+def command_line(move: Move) -> str | None:
+    """``on pve-a: qm migrate 102 pve-c --online``: where to run what (None: not a Proxmox VM)."""
+    if move.command is None:
+        return None
+    return f"on {move.source_node or move.source}: {move.command}"
+
+
+def node_notes(plan: CapacityPlan) -> list[str]:
+    """The hosts the qm lines name by inventory name: their audits carry no hostname."""
+    named = {
+        name
+        for move in plan.moves
+        if move.command is not None
+        for name, node in ((move.source, move.source_node), (move.target, move.target_node))
+        if node is None
+    }
+    return [
+        f"{name}: no node name in its audit (evidence.hostname): "
+        "the qm lines use its inventory name"
+        for name in plan.order
+        if name in named
+    ]
+
+
+def n_plus_1_line(plan: CapacityPlan) -> str:
+    """Whether the others, KSM off, take the VMs of the most loaded host if it fails."""
+    check = plan.n_plus_1
+    if check is None or check.host is None:
+        return "N+1: no VM memory known: no host's failure to weigh"
+    unknown = f", {check.unknown} of unknown size not counted" if check.unknown else ""
+    vms = f"its {check.vms} VM(s) ({human_bytes(check.bytes)}{unknown})"
+    keeping = f"each keeping {plan.min_headroom * 100:g}% of RAM available"
+    if check.fits:
+        return f"N+1: if {check.host} fails, {vms} fit on the other hosts with KSM off, {keeping}"
+    how = "" if check.exhaustive else " (greedy packing: too many VMs to try every one)"
+    return (
+        f"N+1: if {check.host} fails, {vms} do not fit on the other hosts with KSM off, "
+        f"{keeping}: {human_bytes(check.shortfall)} short{how}"
+    )
+
+
 def summary_line(plan: CapacityPlan, code: int) -> str:
-    """The cluster in one line: RAM, what KSM saves, what is left after unmerge, the moves."""
+    """
+    The pool in one line: RAM, what KSM saves, what is left after unmerge, the moves. The pool
+    is every host read, as one: cluster membership is not read.
+    """
     hosts = plan.hosts
     total = sum(host.load.mem_total for host in hosts)
     left = sum(host.now.left for host in hosts)
     unsafe = sum(not host.safe_now for host in hosts)
     unread = f", {len(plan.unread)} unread" if plan.unread else ""
     text = (
-        f"cluster: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
+        f"pool: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
         f"RAM {human_bytes(total)}, available {human_bytes(sum(h.now.available for h in hosts))}, "
         f"KSM saves {human_bytes(sum(h.now.need for h in hosts))}; after unmerge "
         f"{human_bytes(left)} ({_share(left, total)}) available"
@@ -90,7 +141,7 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
         blocked = [host.host for host in short if host.missing is None]
         if lacking:
             text += (
-                f"; the fleet cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
+                f"; the pool cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
                 f"({', '.join(lacking)})"
             )
         if blocked:
@@ -104,7 +155,7 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
 
 
 def table(plan: CapacityPlan, code: int) -> str:
-    """One row per host, the moves, why hosts are unsafe, then the cluster line."""
+    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
     moves = bool(plan.moves)
     header = ["HOST", "RAM", "AVAILABLE", "KSM SAVED", "NEED / ALLOWED", "LEFT AFTER UNMERGE"]
     header += ["VM CONFIGURED", "SAFE"]
@@ -112,9 +163,15 @@ def table(plan: CapacityPlan, code: int) -> str:
         header += ["LEFT AFTER MOVES", "SAFE AFTER"]
     lines = _columns([header] + [_row(host, moves) for host in plan.in_order()])
     if moves:
-        lines += ["", "moves (once disable has stopped merging everywhere, before unmerge):"]
-        lines += [f"  {move_line(move)}" for move in plan.moves]
-    notes = []
+        lines += [
+            "",
+            f"moves ({search_words(plan)}; once disable has stopped merging everywhere, "
+            "before unmerge; nothing is run):",
+        ]
+        for move in plan.moves:
+            command = command_line(move)
+            lines += [f"  {move_line(move)}", *([f"    {command}"] if command else [])]
+    notes = node_notes(plan)
     for host in plan.hosts:
         if not host.safe_now:
             notes.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
@@ -124,7 +181,7 @@ def table(plan: CapacityPlan, code: int) -> str:
     notes += [f"{host.host}: {host.detail}" for host in plan.unread]
     if notes:
         lines += ["", *notes]
-    return "\n".join([*lines, "", summary_line(plan, code)])
+    return "\n".join([*lines, "", n_plus_1_line(plan), summary_line(plan, code)])
 
 
 def _figures(memory: Memory, host: HostCapacity) -> dict[str, Any]:
@@ -168,6 +225,10 @@ def _move(move: Move) -> dict[str, Any]:
         "from": move.source,
         "to": move.target,
         "bytes": move.size_bytes,
+        "command": move.command,
+        "run_on": move.source_node or move.source,
+        "to_node": move.target_node or move.target,
+        "to_node_from": "inventory" if move.target_node is None else "hostname",
         "size_from": vm.size_source,
         "rss_bytes": vm.rss_bytes,
         "configured_bytes": vm.configured_bytes,
@@ -175,16 +236,44 @@ def _move(move: Move) -> dict[str, Any]:
     }
 
 
-def as_json(plan: CapacityPlan, code: int) -> str:
-    """The ``plan -o json`` document (``schema_version`` 1)."""
+def _host(host: HostCapacity | HostInput) -> dict[str, Any]:
+    """A host of the document: ``safe_now`` and ``headroom_after_bytes`` (after the moves) up
+    front, the figures in ``capacity``; all null for a host that could not be read."""
+    if isinstance(host, HostInput):
+        return {
+            "host": host.host,
+            "node": None,
+            "safe_now": None,
+            "safe_after": None,
+            "headroom_after_bytes": None,
+            "detail": host.detail,
+            "capacity": None,
+        }
+    return {
+        "host": host.host,
+        "node": host.load.node,
+        "safe_now": host.safe_now,
+        "safe_after": host.safe_after,
+        "headroom_after_bytes": host.after.left,
+        "detail": None,
+        "capacity": _capacity(host),
+    }
+
+
+def plan_document(plan: CapacityPlan, code: int) -> dict[str, Any]:
+    """The ``plan -o json`` document (``schema_version`` 1) as a dict."""
     from .engine import SCHEMA_VERSION
 
     hosts = plan.hosts
-    document = {
+    feasible = plan.outcome is not Outcome.IMPOSSIBLE
+    return {
         "schema_version": SCHEMA_VERSION,
         "mode": "plan",
         "exit_code": code,
         "outcome": plan.outcome,
+        "feasible": feasible,
+        "shortfall_bytes": 0 if feasible else plan.missing,
+        "search": "exhaustive" if plan.exhaustive else "greedy",
         "min_headroom": plan.min_headroom,
         "summary": {
             "hosts": len(hosts) + len(plan.unread),
@@ -199,12 +288,27 @@ def as_json(plan: CapacityPlan, code: int) -> str:
             "moved_bytes": sum(move.size_bytes for move in plan.moves),
             "missing_bytes": plan.missing,
         },
-        "hosts": [
-            {"host": host.host, "detail": host.detail, "capacity": None}
-            if isinstance(host, HostInput)
-            else {"host": host.host, "detail": None, "capacity": _capacity(host)}
-            for host in plan.in_order()
-        ],
+        "hosts": [_host(host) for host in plan.in_order()],
         "moves": [_move(move) for move in plan.moves],
+        "n_plus_1": _n_plus_1(plan),
     }
-    return json.dumps(document, indent=2)
+
+
+def _n_plus_1(plan: CapacityPlan) -> dict[str, Any] | None:
+    check = plan.n_plus_1
+    if check is None:
+        return None
+    return {
+        "host": check.host,
+        "bytes": check.bytes,
+        "vms": check.vms,
+        "vms_size_unknown": check.unknown,
+        "fits": check.fits,
+        "shortfall_bytes": check.shortfall,
+        "search": "exhaustive" if check.exhaustive else "greedy",
+    }
+
+
+def as_json(plan: CapacityPlan, code: int) -> str:
+    """The ``plan -o json`` document, printed."""
+    return json.dumps(plan_document(plan, code), indent=2)

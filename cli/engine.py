@@ -35,6 +35,9 @@ EXIT_USAGE = 2  # Click's own usage errors, and a missing or unloadable inventor
 EXIT_UNREACHABLE = 3  # a host was unreachable or its state could not be read
 
 SCHEMA_VERSION = 1
+# The rollout's order (unmerge --order): the inventory's, or the capacity plan's.
+ORDER_INVENTORY = "inventory"
+ORDER_PLAN = "plan"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # stderr lines a login shell or sudo prints that say nothing about what failed.
 _NOISE = re.compile(r"could not chdir to home directory|^sudo: unable to resolve host", re.I)
@@ -63,6 +66,7 @@ class Request:
     vmids: list[int] = field(default_factory=list)
     policy: str | None = None  # host or strict; None: each host's ksm_policy (default host)
     ignore_waivers: bool = False
+    order: str = ORDER_INVENTORY  # ORDER_PLAN: hosts the capacity plan calls safe first
 
     @property
     def batch_size(self) -> int:
@@ -324,8 +328,16 @@ def _options(host_plan: HostPlan | None) -> Options:
 
 
 def _batches(request: Request, result: RunResult) -> list[list[str]]:
-    """The rollout's batches, in inventory order: the hosts the plan changes or refuses."""
+    """
+    The rollout's batches: the hosts the plan changes or refuses, in inventory order; with
+    ``order`` plan, those the capacity plan calls safe as they are (no VM to move) first
+    (``cli.capacity.plan_order``, judged from each host's audit in ``result``).
+    """
     targets = [h.host for h in result.hosts if h.status in (Status.WOULD_CHANGE, Status.REFUSED)]
+    if request.order == ORDER_PLAN:
+        from .capacity import plan_order
+
+        targets = plan_order(result, targets)
     size = request.batch_size or len(targets) or 1
     return [targets[start : start + size] for start in range(0, len(targets), size)]
 

@@ -4,8 +4,11 @@ What switching KSM off costs each host and the cluster, and which VMs to move fi
 Pure: no pyinfra, no I/O. ``plan_capacity(hosts, min_headroom)`` takes each host's audit (a live
 read or a saved ``ksm-guard audit -o json``) and says, per host, whether its unmerge passes the
 very preflight ``unmerge`` applies (``plan.unmerge_refusal``) and leaves enough memory available;
-for hosts that fail, which VMs to move where so that every host ends safe, or how much RAM the
-fleet lacks.
+for hosts that fail, which VMs to move where so that every host ends safe, moving the fewest
+bytes (searched exhaustively when few VMs weigh, a greedy beyond), or how much RAM the pool
+lacks; and whether the others could take the most loaded host's VMs if it failed (N+1). The
+pool is every host given, as one: cluster membership is not read. ``safe_first`` orders hosts
+for ``unmerge --order plan``.
 
 The model. After KSM is off and unmerged, a host uses ``MemTotal - MemAvailable + need``, need
 being the unmerge need ``(pages_sharing + ksm_zero_pages) x page size``. A VM occupies its
@@ -25,6 +28,8 @@ is stopped everywhere (``disable``) and before ``unmerge``:
 
 from __future__ import annotations
 
+import math
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -96,6 +101,12 @@ class HostLoad:
     max_fraction: float
     vms: tuple[VmLoad, ...] = ()
     blocked: str | None = None  # unmerge refuses the host whatever its memory (bad settings)
+    node: str | None = None  # its Proxmox VE node name, from its own hostname; None: unknown
+
+    @property
+    def node_name(self) -> str:
+        """The node name ``qm migrate`` wants: the host's own, else its inventory name."""
+        return self.node or self.host
 
 
 @dataclass(frozen=True)
@@ -123,15 +134,30 @@ class Memory:
 
 @dataclass(frozen=True)
 class Move:
-    """One VM to move before the unmerge."""
+    """One VM to move before the unmerge; the node names are the hosts' own when known."""
 
     vm: VmLoad
     source: str
     target: str
+    source_node: str | None = None
+    target_node: str | None = None
 
     @property
     def size_bytes(self) -> int:
         return self.vm.size_bytes or 0
+
+    @property
+    def command(self) -> str | None:
+        """
+        ``qm migrate 102 pve-c --online``, to run on the source node: for a Proxmox VE VM (one
+        with a VMID), naming the target by its node name, else by its inventory name. Nothing
+        runs it.
+        """
+        if not self.vm.vmid:
+            return None
+        return shlex.join(
+            ["qm", "migrate", self.vm.vmid, self.target_node or self.target, "--online"]
+        )
 
 
 @dataclass(frozen=True)
@@ -191,6 +217,8 @@ class CapacityPlan:
     moves: tuple[Move, ...]
     unread: tuple[HostInput, ...] = field(default=())
     order: tuple[str, ...] = field(default=())  # every host, in the order given
+    exhaustive: bool = False  # the moves were searched exhaustively: fewest bytes, or none exist
+    n_plus_1: NPlusOne | None = None
 
     def in_order(self) -> list[HostCapacity | HostInput]:
         """Every host as given: its figures, or the input of a host that could not be read."""
@@ -303,128 +331,454 @@ def room_bytes(load: HostLoad, memory: Memory, min_headroom: float) -> int:
 
 # -- the moves ------------------------------------------------------------------------------
 
+SEARCH_VMS = 40  # the search runs when the VMs it would weigh are at most this many
+SEARCH_STEPS = 50_000  # and stops after this many steps: the greedy's plan, or better, stands
 
-class _Fleet:
-    """The hosts while moves are tried: who sends which VMs, who takes them in."""
 
-    def __init__(self, loads: Sequence[HostLoad], min_headroom: float) -> None:
-        self.loads = {load.host: load for load in loads}
-        self.min_headroom = min_headroom
-        self.out: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
-        self.into: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
-        self.moves: list[Move] = []
-        self.room: dict[str, int] = {}
+def _size(vm: VmLoad) -> int:
+    return vm.size_bytes or 0
 
-    def memory(self, host: str, leaving: Sequence[VmLoad] = ()) -> Memory:
-        return after_moves(self.loads[host], [*self.out[host], *leaving], self.into[host])
 
-    def reasons(self, host: str, leaving: Sequence[VmLoad] = ()) -> tuple[str, ...]:
-        return unsafe_reasons(self.loads[host], self.memory(host, leaving), self.min_headroom)
+def _weight(vm: VmLoad) -> tuple[int, int, int]:
+    """What a move of the VM changes: VMs alike in this are interchangeable."""
+    return _size(vm), vm.merged_bytes, vm.zero_bytes
 
-    def rooms(self, targets: Sequence[str]) -> list[tuple[int, str]]:
-        """Each target's room, least first (kept until a move changes that target)."""
-        for name in targets:
-            if name not in self.room:
-                load = self.loads[name]
-                self.room[name] = room_bytes(load, self.memory(name), self.min_headroom)
-        return sorted((self.room[name], name) for name in targets)
+
+def movable(vms: Sequence[VmLoad]) -> tuple[VmLoad, ...]:
+    """The VMs that can move (their size is known), largest first; alike VMs next to each other."""
+    known = [vm for vm in vms if vm.size_bytes is not None]
+    return tuple(sorted(known, key=lambda vm: (tuple(-part for part in _weight(vm)), vm.order())))
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A host that sends VMs off: the VMs it can move, largest first, and when it is done."""
+
+    host: str
+    vms: tuple[VmLoad, ...]
+    done: Callable[[Sequence[VmLoad]], bool]  # done once these VMs have left
+    short: Callable[[Sequence[VmLoad], Sequence[VmLoad]], int]  # (gone, may go): least to go
+
+
+def _unsafe_source(load: HostLoad, min_headroom: float) -> _Source:
+    """A host unsafe as it is, done when safe (whether it is depends only on what left)."""
+    floor = min_headroom * load.mem_total
+    now = after_moves(load, (), ())
+    known: dict[frozenset[int], bool] = {}
+
+    def done(gone: Sequence[VmLoad]) -> bool:
+        key = frozenset(id(vm) for vm in gone)
+        if key not in known:
+            after = after_moves(load, gone, ())
+            known[key] = not unsafe_reasons(load, after, min_headroom)
+        return known[key]
+
+    def short(gone: Sequence[VmLoad], rest: Sequence[VmLoad]) -> int:
+        """
+        The least VM memory that must still leave, whichever of ``rest`` go. What is left after
+        the unmerge rises by exactly the size moved: the headroom lacking must leave. The
+        preflight wants ``need - fall <= f x (available + size - fall)``, ``fall`` the need's
+        fall, at most that of all of ``gone`` and ``rest`` leaving: so size must reach at least
+        ``need / f - available - fall x (1 / f - 1)``.
+        """
+        size = sum(_size(vm) for vm in gone)
+        headroom = floor - now.left - size
+        fall = load.need - after_moves(load, [*gone, *rest], ()).need
+        fraction = load.max_fraction
+        preflight = load.need / fraction - now.available - size - fall * (1 / fraction - 1)
+        return max(0, math.floor(max(headroom, preflight)) - 1)  # 1: float rounding
+
+    return _Source(load.host, movable(load.vms), done, short)
+
+
+def _emptied(host: str, vms: Sequence[VmLoad]) -> _Source:
+    """A failed host: done when all its VMs (of known size) found a place."""
+    known = movable(vms)
+    total = sum(_size(vm) for vm in known)
+    return _Source(
+        host,
+        known,
+        lambda gone: len(gone) == len(known),
+        lambda gone, rest: total - sum(_size(vm) for vm in gone),
+    )
+
+
+class _Moves:
+    """Moves being tried: the VMs each source sends off, each target's room left."""
+
+    def __init__(self, rooms: Mapping[str, int]) -> None:
+        self.room = dict(rooms)
+        self.out: dict[str, list[VmLoad]] = {}
+        self.moves: list[tuple[VmLoad, str, str]] = []  # (vm, source, target), in order
+
+    def gone(self, source: str) -> list[VmLoad]:
+        return self.out.setdefault(source, [])
 
     def move(self, vm: VmLoad, source: str, target: str) -> None:
-        self.out[source].append(vm)
-        self.into[target].append(vm)
-        self.moves.append(Move(vm, source, target))
-        self.room.pop(target, None)
+        self.gone(source).append(vm)
+        self.room[target] -= _size(vm)
+        self.moves.append((vm, source, target))
 
     def undo(self, source: str) -> None:
         """Take back every move off ``source``."""
-        for move in [move for move in self.moves if move.source == source]:
-            self.out[source].remove(move.vm)
-            self.into[move.target].remove(move.vm)
-            self.moves.remove(move)
-            self.room.pop(move.target, None)
+        for vm, _, target in [move for move in self.moves if move[1] == source]:
+            self.room[target] += _size(vm)
+        self.moves = [move for move in self.moves if move[1] != source]
+        self.out[source] = []
 
-    def relieve(self, source: str, targets: Sequence[str]) -> bool:
-        """
-        Move VMs off ``source`` until it is safe: whenever one VM that fits somewhere would
-        finish the job, the smallest such VM; otherwise the largest VM that fits somewhere.
-        Fewest VMs first, then fewest bytes. True when the source ends safe.
-        """
-        while self.reasons(source):
-            rooms = self.rooms(targets)
-            options = [
-                (vm, fit[0])
-                for vm in self.loads[source].vms
-                if vm.size_bytes is not None
-                and vm not in self.out[source]
-                # best fit: the target left with the least room that still takes the VM
-                and (fit := [name for room, name in rooms if room >= (vm.size_bytes or 0)])
-            ]
-            if not options:
-                return False
-            finishing = [option for option in options if not self.reasons(source, [option[0]])]
-            if finishing:
-                vm, target = min(finishing, key=lambda o: (o[0].size_bytes or 0, o[0].order()))
-            else:
-                vm, target = min(options, key=lambda o: (-(o[0].size_bytes or 0), o[0].order()))
-            self.move(vm, source, target)
-        return True
+    @property
+    def cost(self) -> tuple[int, int]:
+        """Bytes moved, then moves."""
+        return sum(_size(vm) for vm, _, _ in self.moves), len(self.moves)
+
+    @classmethod
+    def replay(cls, rooms: Mapping[str, int], moves: Sequence[tuple[VmLoad, str, str]]) -> _Moves:
+        again = cls(rooms)
+        for vm, source, target in moves:
+            again.move(vm, source, target)
+        return again
+
+
+def _relieve(source: _Source, moves: _Moves) -> bool:
+    """
+    Move VMs off ``source`` until it is done: whenever one VM that fits somewhere would finish
+    the job, the smallest such VM; otherwise the largest VM that fits somewhere. Each goes to
+    the target left with the least room that takes it (best fit). True when the source is done.
+    """
+    gone = moves.gone(source.host)
+    while not source.done(gone):
+        rooms = sorted((room, name) for name, room in moves.room.items())
+        options = [
+            (vm, fit[0])
+            for vm in source.vms
+            if vm not in gone and (fit := [name for room, name in rooms if room >= _size(vm)])
+        ]
+        if not options:
+            return False
+        finishing = [option for option in options if source.done([*gone, option[0]])]
+        if finishing:
+            vm, target = min(finishing, key=lambda o: (_size(o[0]), o[0].order()))
+        else:
+            vm, target = min(options, key=lambda o: (-_size(o[0]), o[0].order()))
+        moves.move(vm, source.host, target)
+    return True
+
+
+def _greedy(sources: Sequence[_Source], rooms: Mapping[str, int]) -> tuple[_Moves, bool]:
+    """
+    Each source in turn relieved (``_relieve``). A source that cannot be done keeps none of its
+    moves while the others are planned; then it moves what still fits. True: all are done.
+    """
+    moves = _Moves(rooms)
+    failed = []
+    for source in sources:
+        if not _relieve(source, moves):
+            moves.undo(source.host)
+            failed.append(source)
+    for source in failed:
+        _relieve(source, moves)
+    return moves, not failed
+
+
+class _OutOfSteps(Exception):
+    """The search used up its steps."""
+
+
+class _Steps:
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _OutOfSteps
+
+
+Placement = list[tuple[VmLoad, str, str]]  # (vm, source, target)
+
+
+def _pack(
+    leaving: Sequence[tuple[VmLoad, str]], rooms: Mapping[str, int], steps: _Steps
+) -> Placement | None:
+    """
+    A target for each VM, none given more than its room: best fit, largest first; when that
+    fails, depth first over the targets (of those with the same room left, one: only their room
+    matters), cut when the VMs left outweigh the room that could take any of them. None: there
+    is none.
+    """
+    items = sorted(leaving, key=lambda item: (-_size(item[0]), item[0].order()))
+    sizes = [_size(vm) for vm, _ in items]
+    room = dict(rooms)
+    placed: Placement = []
+    for (vm, source), size in zip(items, sizes, strict=True):
+        fit = [(left, name) for name, left in room.items() if left >= size]
+        if not fit:
+            break
+        target = min(fit)[1]
+        room[target] -= size
+        placed.append((vm, source, target))
+    else:
+        return placed
+    room = dict(rooms)
+    placed = []
+    weight_left = [sum(sizes[index:]) for index in range(len(sizes) + 1)]
+
+    def visit(index: int) -> bool:
+        steps.take()
+        if index == len(items):
+            return True
+        usable = sum(left for left in room.values() if left >= sizes[-1])
+        if weight_left[index] > usable:
+            return False
+        vm, source = items[index]
+        tried = set()
+        for left, target in sorted((left, name) for name, left in room.items()):
+            if left >= sizes[index] and left not in tried:
+                tried.add(left)
+                room[target] -= sizes[index]
+                placed.append((vm, source, target))
+                if visit(index + 1):
+                    return True
+                placed.pop()
+                room[target] += sizes[index]
+        return False
+
+    return placed if visit(0) else None
+
+
+def _search(
+    sources: Sequence[_Source],
+    rooms: Mapping[str, int],
+    bound: tuple[int, int] | None,
+    steps: int,
+) -> tuple[Placement | None, bool]:
+    """
+    The VMs to move that get every source done with the fewest bytes, then the fewest moves, if
+    they beat ``bound`` (bytes, moves), with a target for each (``_pack``). Depth first over
+    each source's VMs, largest first, each leaving or staying. A source once done sends nothing
+    more (more only costs more); of VMs alike (``_weight``), those that leave are the first ones.
+    A branch is cut when its bytes plus the least each source must
+    still send (``_Source.short``) reach the best found, or when the VMs a source has left
+    cannot cover that least. Returns the best placement found (None: nothing beats ``bound``)
+    and whether the search finished within ``steps``: then nothing better exists, and no plan
+    at all when there is neither a bound nor a find.
+    """
+    gone: list[list[VmLoad]] = [[] for _ in sources]
+    best: list[tuple[int, int] | None] = [bound]
+    found: list[Placement] = []
+    counter = _Steps(steps)
+    least_after = [0] * (len(sources) + 1)
+    for index in reversed(range(len(sources))):
+        least_after[index] = least_after[index + 1] + sources[index].short((), sources[index].vms)
+    sizes_left = [
+        [sum(_size(vm) for vm in source.vms[k:]) for k in range(len(source.vms) + 1)]
+        for source in sources
+    ]
+
+    def visit(index: int, k: int, cost: int, count: int) -> None:
+        counter.take()
+        if index == len(sources):
+            if best[0] is not None and (cost, count) >= best[0]:
+                return
+            pairs = zip(sources, gone, strict=True)
+            placement = _pack(
+                [(vm, source.host) for source, out in pairs for vm in out], rooms, counter
+            )
+            if placement is not None:
+                best[0] = (cost, count)
+                found.append(placement)
+            return
+        source = sources[index]
+        if source.done(gone[index]):
+            visit(index + 1, 0, cost, count)
+            return
+        short = source.short(gone[index], source.vms[k:])
+        if k == len(source.vms) or sizes_left[index][k] < short:
+            return
+        if best[0] is not None and (cost + short + least_after[index + 1], count) >= best[0]:
+            return
+        vm = source.vms[k]
+        previous = source.vms[k - 1] if k else None
+        if previous is None or _weight(previous) != _weight(vm) or previous in gone[index]:
+            gone[index].append(vm)
+            visit(index, k + 1, cost + _size(vm), count + 1)
+            gone[index].pop()
+        visit(index, k + 1, cost, count)
+
+    try:
+        visit(0, 0, 0, 0)
+        finished = True
+    except _OutOfSteps:
+        finished = False
+    return (found[-1] if found else None), finished
+
+
+def _place(
+    sources: Sequence[_Source], rooms: Mapping[str, int], search_steps: int
+) -> tuple[_Moves, bool, bool]:
+    """
+    The greedy's moves (``_greedy``), replaced by the search's (``_search``) when it finds
+    fewer bytes or a plan where the greedy found none. The search runs when the VMs it would
+    weigh are at most ``SEARCH_VMS``. Returns the moves, whether every source is done, and
+    whether the search finished (the moves are then the fewest bytes there are; with sources
+    not done, no moves can do them all).
+    """
+    moves, done = _greedy(sources, rooms)
+    if not search_steps or sum(len(source.vms) for source in sources) > SEARCH_VMS:
+        return moves, done, False
+    found, finished = _search(sources, rooms, moves.cost if done else None, search_steps)
+    if found is None:
+        return moves, done, finished
+    return _Moves.replay(rooms, found), True, finished
+
+
+@dataclass(frozen=True)
+class NPlusOne:
+    """Whether the others, with KSM off, can take the VMs of the most loaded host if it fails."""
+
+    host: str | None  # the host whose VMs weigh the most after the moves; None: no VM memory
+    bytes: int  # what its VMs occupy (those of known size)
+    vms: int  # how many VMs it runs
+    unknown: int  # of which of unknown size: neither counted nor placed
+    fits: bool
+    shortfall: int  # the memory of its VMs that finds no room (0 when they fit)
+    exhaustive: bool  # the packing was searched exhaustively (fits False is then proven)
+
+
+def n_plus_one(
+    hosts: Sequence[HostCapacity],
+    running: Mapping[str, Sequence[VmLoad]],
+    min_headroom: float,
+    search_steps: int = SEARCH_STEPS,
+) -> NPlusOne:
+    """
+    The most loaded host (by its VMs' memory, after the moves; the first of equals) fails: can
+    the others, KSM off and unmerged, take its VMs and keep ``min_headroom`` of their RAM?
+    Only hosts safe after the moves take VMs; each has ``MemAvailable - need`` after its unmerge.
+    The VMs are placed like moves (best fit, largest first; searched when few); the shortfall
+    is the memory of those left without a host: that much more RAM on the host with the most
+    room left takes them all.
+    """
+    weight = {host.host: sum(_size(vm) for vm in running[host.host]) for host in hosts}
+    if not hosts or not max(weight.values()):
+        return NPlusOne(None, 0, 0, 0, True, 0, True)
+    failed = max(hosts, key=lambda host: weight[host.host])
+    vms = running[failed.host]
+    rooms = {
+        host.host: room_bytes(host.load, Memory(host.after.left, 0), min_headroom)
+        for host in hosts
+        if host is not failed and host.safe_after
+    }
+    source = _emptied(failed.host, vms)
+    moves, fits, exhaustive = _place([source], rooms, search_steps)
+    unknown = len(vms) - len(source.vms)
+    shortfall = 0 if fits else weight[failed.host] - moves.cost[0]
+    return NPlusOne(
+        failed.host, weight[failed.host], len(vms), unknown, fits, shortfall, exhaustive
+    )
 
 
 def plan_capacity(
     hosts: Sequence[HostInput],
     min_headroom: float = DEFAULT_MIN_HEADROOM,
     max_fraction: float | None = None,
+    search_steps: int = SEARCH_STEPS,
 ) -> CapacityPlan:
     """
-    Each host's figures, and the moves that make every host safe.
+    Each host's figures, the moves that make every host safe with the fewest bytes moved that
+    the planner finds, and the N+1 check.
 
-    Hosts safe as they are take VMs in; each other host, the one lacking the most RAM first,
-    sends VMs off (``_Fleet.relieve``) to the target that fits each one most tightly. A host that
-    cannot be made safe keeps none of its moves while the others are planned; then it moves what
-    still fits, largest first, and the RAM it lacks after that is reported. ``max_fraction``
-    overrides every host's own (unmerge's ``--max-fraction``).
+    Hosts safe as they are take VMs in, up to their room; each other host (the one lacking the
+    most RAM first) sends VMs off. ``_place`` picks the moves: a greedy, then an exhaustive
+    search when the VMs to weigh are few (``SEARCH_VMS``, ``search_steps``; 0: greedy only).
+    When no plan makes every host safe, the hosts that can be are, the others move what still
+    fits, and the RAM they still lack is reported. ``max_fraction`` overrides every host's own
+    (unmerge's ``--max-fraction``).
     """
-    loads = []
-    for host in hosts:
-        if host.audit is not None:
-            load = host_load(host.host, host.audit, host.blocked)
-            if max_fraction is not None:
-                load = replace(load, max_fraction=max_fraction)
-            loads.append(load)
-    fleet = _Fleet(loads, min_headroom)
-    targets = [load.host for load in loads if not fleet.reasons(load.host)]
-    sources = [load for load in loads if fleet.reasons(load.host) and not load.blocked]
-    sources.sort(key=lambda load: -missing_bytes(load, fleet.memory(load.host), min_headroom))
-    failed = []
-    for load in sources:
-        if not fleet.relieve(load.host, targets):
-            fleet.undo(load.host)
-            failed.append(load.host)
-    for name in failed:
-        fleet.relieve(name, targets)
+    loads = _loads(hosts, max_fraction)
+    now = {load.host: after_moves(load, (), ()) for load in loads}
+    reasons_now = {load.host: unsafe_reasons(load, now[load.host], min_headroom) for load in loads}
+    rooms = {
+        load.host: room_bytes(load, now[load.host], min_headroom)
+        for load in loads
+        if not reasons_now[load.host]
+    }
+    unsafe = [load for load in loads if reasons_now[load.host] and not load.blocked]
+    unsafe.sort(key=lambda load: -missing_bytes(load, now[load.host], min_headroom))
+    sources = [_unsafe_source(load, min_headroom) for load in unsafe]
+    placed, _, exhaustive = _place(sources, rooms, search_steps)
 
+    by_name = {load.host: load for load in loads}
+    moves = tuple(
+        Move(vm, source, target, by_name[source].node, by_name[target].node)
+        for vm, source, target in placed.moves
+    )
+    into: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
+    for move in moves:
+        into[move.target].append(move.vm)
     figures = []
+    running = {}
     for load in loads:
-        now = after_moves(load, (), ())
-        after = fleet.memory(load.host)
-        reasons_after = fleet.reasons(load.host)
+        out = placed.out.get(load.host, [])
+        after = after_moves(load, out, into[load.host])
+        reasons_after = unsafe_reasons(load, after, min_headroom)
         figures.append(
             HostCapacity(
                 load=load,
-                now=now,
+                now=now[load.host],
                 after=after,
-                reasons_now=unsafe_reasons(load, now, min_headroom),
+                reasons_now=reasons_now[load.host],
                 reasons_after=reasons_after,
-                moved_out=sum(vm.size_bytes or 0 for vm in fleet.out[load.host]),
-                moved_in=sum(vm.size_bytes or 0 for vm in fleet.into[load.host]),
+                moved_out=sum(_size(vm) for vm in out),
+                moved_in=sum(_size(vm) for vm in into[load.host]),
                 missing=None
                 if load.blocked
                 else (missing_bytes(load, after, min_headroom) if reasons_after else 0),
             )
         )
+        running[load.host] = [vm for vm in load.vms if vm not in out] + into[load.host]
     unread = tuple(host for host in hosts if host.audit is None)
     order = tuple(host.host for host in hosts)
-    return CapacityPlan(min_headroom, tuple(figures), tuple(fleet.moves), unread, order)
+    return CapacityPlan(
+        min_headroom,
+        tuple(figures),
+        moves,
+        unread,
+        order,
+        exhaustive=exhaustive,
+        n_plus_1=n_plus_one(figures, running, min_headroom, search_steps),
+    )
+
+
+def _loads(hosts: Sequence[HostInput], max_fraction: float | None) -> list[HostLoad]:
+    """The readable hosts' loads; ``max_fraction`` overrides each host's own."""
+    loads = []
+    for host in hosts:
+        if host.audit is not None:
+            load = host_load(host.host, host.audit, host.blocked)
+            loads.append(load if max_fraction is None else replace(load, max_fraction=max_fraction))
+    return loads
+
+
+def safe_now(host: HostInput, min_headroom: float = DEFAULT_MIN_HEADROOM) -> bool:
+    """Whether the host can unmerge safely as it is (False: unread, or an audit not readable)."""
+    if host.audit is None:
+        return False
+    try:
+        load = host_load(host.host, host.audit, host.blocked)
+    except CapacityInputError:
+        return False
+    return not unsafe_reasons(load, after_moves(load, (), ()), min_headroom)
+
+
+def safe_first(hosts: Sequence[HostInput], min_headroom: float = DEFAULT_MIN_HEADROOM) -> list[str]:
+    """
+    The hosts' names, those safe as they are (no move needed) first, then the rest (unsafe,
+    blocked by their settings, unread); the given order within each group. ``unmerge --order
+    plan`` rolls out in this order.
+    """
+    safe = [host.host for host in hosts if safe_now(host, min_headroom)]
+    return safe + [host.host for host in hosts if host.host not in safe]
 
 
 # -- reading audits -------------------------------------------------------------------------
@@ -454,6 +808,18 @@ def _text(record: Mapping[str, object], key: str, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise CapacityInputError(f"{where}.{key} must be a string or null, not {value!r}")
     return value
+
+
+def node_name(audit: Mapping[str, object]) -> str | None:
+    """
+    The host's Proxmox VE node name: its own hostname (``evidence.hostname``, read when the audit
+    has it) up to the first dot, as Proxmox VE names nodes. None when absent or not a name.
+    """
+    evidence = audit.get("evidence")
+    hostname = evidence.get("hostname") if isinstance(evidence, Mapping) else None
+    if not isinstance(hostname, str):
+        return None
+    return hostname.strip().split(".")[0] or None
 
 
 def vm_load(vm: Mapping[str, object], page_size: int, where: str) -> VmLoad:
@@ -496,6 +862,7 @@ def host_load(
         max_fraction=float(fraction),
         vms=tuple(vm_load(vm, page_size, f"{where}.vms[{index}]") for index, vm in enumerate(vms)),
         blocked=blocked,
+        node=node_name(audit),
     )
 
 

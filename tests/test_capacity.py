@@ -5,7 +5,8 @@ its promise that a host it calls safe is one ``unmerge`` does not refuse.
 A case is a saved ``ksm-guard audit -o json`` document (``hosts[].host``, ``hosts[].audit``;
 byte counts may be written ``12 GiB``), optional ``options`` (``min_headroom``,
 ``max_fraction``) and ``expected``: the parts of the ``plan -o json`` document that matter to the
-scenario (``hosts`` by name, each a subset of its ``capacity``; ``moves`` in order, each a subset).
+scenario (``hosts`` by name, each a subset of its ``capacity``; ``moves`` in order, each a subset;
+``n_plus_1`` a subset).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ksm_guard.operations.capacity import (
     HostInput,
     Outcome,
     hosts_from_document,
+    node_name,
     plan_capacity,
 )
 from ksm_guard.operations.model import HostState, Mode, Options
@@ -81,15 +83,39 @@ def test_plan(path: Path) -> None:
     assert document["exit_code"] == expected["exit_code"]
     assert document["outcome"] == expected["outcome"]
     assert_subset(document, {"min_headroom": expected.get("min_headroom", 0.1)})
+    for key in ("feasible", "shortfall_bytes", "search"):
+        assert_subset(document, {key: expected[key]} if key in expected else {})
     assert_subset(document["summary"], expected.get("summary", {}), "summary")
     for name, wanted in expected["hosts"].items():
         if wanted is None:
             assert hosts[name]["capacity"] is None and hosts[name]["detail"]
         else:
             assert_subset(hosts[name]["capacity"], wanted, name)
+    assert_subset(document["n_plus_1"], expected.get("n_plus_1", {}), "n_plus_1")
     assert len(document["moves"]) == len(expected["moves"])
     for number, (move, wanted) in enumerate(zip(document["moves"], expected["moves"], strict=True)):
         assert_subset(move, wanted, f"moves[{number}]")
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_the_issue_fields_agree_with_the_figures(path: Path) -> None:
+    """
+    ``feasible``, ``shortfall_bytes`` (0 when feasible, else the RAM missing), and per host
+    ``safe_now`` and ``headroom_after_bytes`` (what is left after the moves and the unmerge).
+    """
+    _, document, _ = planned(path)
+    feasible = document["outcome"] != "impossible"
+    assert document["feasible"] is feasible
+    assert document["shortfall_bytes"] == (0 if feasible else document["summary"]["missing_bytes"])
+    for host in document["hosts"]:
+        capacity = host["capacity"]
+        if capacity is None:
+            assert host["safe_now"] is host["headroom_after_bytes"] is None
+            continue
+        assert host["safe_now"] is capacity["safe"]
+        assert host["safe_after"] is capacity["after_moves"]["safe"]
+        after = capacity["after_moves"]["available_after_unmerge_bytes"]
+        assert host["headroom_after_bytes"] == after
 
 
 def state_of(audit: dict[str, Any]) -> HostState:
@@ -215,6 +241,20 @@ def test_a_host_called_safe_is_never_refused_by_unmerge(fact: Path) -> None:
             assert not refused_as_unsafe(state, fraction)
         preflight = any(reason.startswith("unmerge refused") for reason in host.reasons_now)
         assert refused_as_unsafe(state, fraction) == preflight
+
+
+@pytest.mark.parametrize(
+    ("audit", "node"),
+    [({}, None), ({"evidence": None}, None), ({"evidence": "pve-a"}, None),
+     ({"evidence": {}}, None), ({"evidence": {"hostname": ""}}, None),
+     ({"evidence": {"hostname": ["pve-a"]}}, None), ({"evidence": {"hostname": "pve-a"}}, "pve-a"),
+     ({"evidence": {"hostname": " pve-a.example.org\n"}}, "pve-a")],
+)  # fmt: skip
+def test_the_node_name_is_the_short_hostname_when_the_audit_has_one(
+    audit: dict[str, object], node: str | None
+) -> None:
+    """evidence.hostname up to the first dot; anything else is no node name (never an error)."""
+    assert node_name(audit) == node
 
 
 BAD_DOCUMENTS = {

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ksm_guard.cli.app import app
-from ksm_guard.cli.capacity import exit_code
+from ksm_guard.cli.capacity import capacity_summary, exit_code
 from ksm_guard.cli.capacity_render import as_json
-from ksm_guard.operations.capacity import hosts_from_document, plan_capacity
+from ksm_guard.operations.capacity import CapacityInputError, hosts_from_document, plan_capacity
 from tests.test_capacity import CASES, load_case
 from tests.vm.harness import free_port
 
@@ -44,29 +44,74 @@ def test_plan_from_a_saved_audit_prints_the_plan(path: Path, tmp_path: Path) -> 
     assert json.loads(result.stdout) == json.loads(as_json(capacity, exit_code(capacity)))
 
 
-def test_the_table_names_the_moves_and_the_cluster(tmp_path: Path) -> None:
-    """The table: a row per host, the moves in order, why a host is unsafe, the cluster line."""
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.stem)
+def test_the_report_gets_the_document_plan_prints(path: Path, tmp_path: Path) -> None:
+    """capacity_summary(saved result): the dict plan --from FILE -o json prints, exit code too."""
+    file, options, _ = saved(tmp_path, path.stem)
+    result = runner.invoke(app, ["plan", "--from", str(file), "-o", "json", *_option_args(options)])
+    summary = capacity_summary(json.loads(file.read_text()), **options)
+    assert summary == json.loads(result.stdout)
+    assert summary["exit_code"] == result.exit_code
+
+
+def test_capacity_summary_refuses_a_document_it_cannot_read() -> None:
+    """A document without hosts raises the one-line CapacityInputError plan prints."""
+    with pytest.raises(CapacityInputError, match="no hosts list"):
+        capacity_summary({"hosts": []})
+
+
+def test_the_table_names_the_moves_and_the_pool(tmp_path: Path) -> None:
+    """The table: a row per host, the moves in order, why a host is unsafe, the pool line."""
     file, _, _ = saved(tmp_path, "two_moves_largest_first")
     result = runner.invoke(app, ["plan", "--from", str(file)])
     lines = result.stdout.splitlines()
-    assert result.exit_code == 1
+    assert result.exit_code == 0  # a safe plan exists: moves needed is not a failure
     assert lines[0].split()[:3] == ["HOST", "RAM", "AVAILABLE"]
     assert [line.split()[0] for line in lines[1:4]] == ["pve-a", "pve-b", "pve-c"]
     assert "  VM 102 (b): pve-a → pve-c, 12.0 GiB (rss; 4.0 GiB merged)" in lines
     assert "  VM 103 (c): pve-a → pve-c, 6.0 GiB (rss; 2.0 GiB merged)" in lines
     assert any(line.startswith("pve-a: unsafe: unmerge refused: needs 14.0 GiB") for line in lines)
-    assert lines[-1].startswith("cluster: 3 host(s), 1 unsafe as they are; RAM 192.0 GiB")
-    assert lines[-1].endswith("2 move(s), 18.0 GiB: every host safe after the moves; exit 1")
+    assert lines[-1].startswith("pool: 3 host(s), 1 unsafe as they are; RAM 192.0 GiB")
+    assert lines[-1].endswith("2 move(s), 18.0 GiB: every host safe after the moves; exit 0")
+
+
+def test_the_table_has_the_qm_lines_with_node_names(tmp_path: Path) -> None:
+    """Under each Proxmox VM's move, its qm line; hosts without a node name are said so."""
+    file, _, _ = saved(tmp_path, "node_names")
+    result = runner.invoke(app, ["plan", "--from", str(file)])
+    lines = result.stdout.splitlines()
+    start = lines.index("  VM 201 (web): pve-a → 10.0.0.2, 8.0 GiB (rss; 2.0 GiB merged)")
+    assert lines[start + 1] == "    on pve-a: qm migrate 201 pve-b --online"
+    assert lines[start + 2].startswith("  pid 3001 (plain-qemu): pve-a → 10.0.0.2, 6.0 GiB")
+    assert "qm" not in lines[start + 3]
+    assert (
+        "pve-a: no node name in its audit (evidence.hostname): the qm lines use its inventory name"
+        in lines
+    )
+    assert not any(line.startswith("10.0.0.2: no node name") for line in lines)
+
+
+def test_the_table_has_the_n_plus_1_line(tmp_path: Path) -> None:
+    """Above the pool line: whether the others take the most loaded host's VMs, and how short."""
+    file, _, _ = saved(tmp_path, "n_plus_1_short")
+    result = runner.invoke(app, ["plan", "--from", str(file)])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0  # N+1 informs; it does not decide the exit code
+    assert lines[-2] == (
+        "N+1: if pve-a fails, its 4 VM(s) (40.0 GiB, 1 of unknown size not counted) do not fit "
+        "on the other hosts with KSM off, each keeping 10% of RAM available: 8.0 GiB short"
+    )
+    assert lines[-1].startswith("pool: 3 host(s), 0 unsafe as they are")
 
 
 def test_the_table_says_what_ram_is_missing(tmp_path: Path) -> None:
-    """When the fleet cannot absorb it, the cluster line says how much RAM is missing, where."""
+    """When the pool cannot absorb it, the pool line says how much RAM is missing, where."""
     file, _, _ = saved(tmp_path, "impossible")
     result = runner.invoke(app, ["plan", "--from", str(file)])
     assert result.exit_code == 1
     assert "pve-a: still unsafe after the moves, 23.0 GiB missing" in result.stdout
     assert result.stdout.rstrip().endswith(
-        "the fleet cannot absorb it: 23.0 GiB of RAM missing (pve-a 23.0 GiB); exit 1"
+        "the pool cannot absorb it: 23.0 GiB of RAM missing (pve-a 23.0 GiB); exit 1"
     )
 
 
