@@ -9,6 +9,7 @@ from typing import cast, get_args
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .libvirt import LIBVIRT_COMMAND, link_domains, parse_libvirt
 from .model import (
     KSM_DIR,
     KSM_RUN_VALUES,
@@ -50,10 +51,16 @@ class Section:
     name: str
     command: str
     parse: Callable[[list[str]], object]
+    # Run once every section is parsed, when this one is in the output: to add what it says to
+    # the other sections' values.
+    finish: Callable[[HostState], None] | None = None
 
 
-# Sections added after the core ones, in the order they run (none yet).
-EXTENSIONS: tuple[Section, ...] = ()
+# Sections added after the core ones, in the order they run: ``libvirt_domains``, libvirt's
+# QEMU domains and their nosharepages opt-out, given to the running VMs they belong to.
+EXTENSIONS: tuple[Section, ...] = (
+    Section("libvirt_domains", LIBVIRT_COMMAND, parse_libvirt, link_domains),
+)
 
 # Each section starts with a marker line, so that every output line is accounted for.
 CORE_COMMAND = "; ".join(
@@ -233,6 +240,9 @@ def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIO
     for extension in extensions:
         if extension.name in seen:
             found[extension.name] = extension.parse(extra.get(extension.name, []))
+    for extension in extensions:
+        if extension.name in seen and extension.finish is not None:
+            extension.finish(state)
     return state
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 DEFAULT_MAX_FRACTION = 0.5
 
@@ -115,6 +115,19 @@ class Vm(TypedDict):
     error: str | None  # what of this VM's files could not be read; None: all read
 
 
+class LibvirtDomain(TypedDict):
+    """
+    A libvirt QEMU domain's KSM opt-out, ``<memoryBacking><nosharepages/>`` (libvirt's
+    counterpart of Proxmox VE's ``allow-ksm: 0``), from its files under /run/libvirt/qemu and
+    /etc/libvirt/qemu.
+    """
+
+    pid: int | None  # the running QEMU's pid, from <name>.pid; None: not running
+    persistent: bool | None  # it has a persistent definition; None: cannot be told
+    nosharepages: bool | None  # the definition it starts with next opts out; None: unread
+    error: str | None  # what of its files could not be read; None: all read
+
+
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
 Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
@@ -139,6 +152,8 @@ class HostState(TypedDict):
     qemu_server: str | None  # the installed qemu-server version; None: not Proxmox VE
     vms: list[Vm]
     pve_configs: dict[str, PveConfig]
+    # libvirt's QEMU domains by name (operations/libvirt.py); None: no libvirt on the host.
+    libvirt_domains: NotRequired[dict[str, LibvirtDomain] | None]
 
 
 @dataclass(frozen=True)
