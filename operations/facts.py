@@ -251,8 +251,9 @@ class KsmHost(FactBase[HostState]):
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
     units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
     VMs with their merged pages, resident and configured memory (Proxmox VE: VMID, name,
-    ``allow-ksm``, lock, template and memory from the configs). One VM's unreadable files give
-    that VM an ``error``; they never fail the fact.
+    ``allow-ksm``, lock, template and memory from the configs; libvirt: each domain's
+    ``<nosharepages/>``). One VM's unreadable files give that VM an ``error``; they never fail
+    the fact.
 
     .. code:: python
 
@@ -278,6 +279,11 @@ class KsmHost(FactBase[HostState]):
             "pve_configs": {
                 "100": {"name": "web1", "allow_ksm": False, "lock": None, "template": False,
                         "configured_bytes": 2147483648, "error": None},
+            },
+            # libvirt's QEMU domains (None: no libvirt); a running one's nosharepages is its
+            # VM's allow_ksm (operations/libvirt.py)
+            "libvirt_domains": {
+                "db1": {"pid": 5120, "persistent": True, "nosharepages": True, "error": None},
             },
         }
     """
