@@ -6,9 +6,13 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pyinfra.api import Host, State
+    from pyinfra.api import Host, State, StringCommand
+    from pyinfra.connectors.util import CommandOutput
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Host data: why the host cannot be reached, known before trying (a Proxmox VE cluster member
+# pve-cluster lists offline, cli/cluster.py). It is not connected to; this is its reason.
+UNREACHABLE_DATA = "ksm_unreachable"
 
 
 def one_line(text: str) -> str:
@@ -22,7 +26,8 @@ def connect_hosts(state: State, hosts: list[Host], timeout: float) -> dict[str, 
     Each host gets ``timeout`` seconds from its first step, name resolution included, to login.
 
     Returns why each other host failed, by name: pyinfra's connect error on one line, or
-    ``timed out after 10 s (connect, name resolution included)``.
+    ``timed out after 10 s (connect, name resolution included)``, or the host's own
+    ``ksm_unreachable`` data (it is not tried).
     """
     import gevent
     from pyinfra import logger
@@ -52,9 +57,14 @@ def connect_hosts(state: State, hosts: list[Host], timeout: float) -> dict[str, 
             timer.close()
         return None if host.connected else "could not connect"
 
-    attempts = [(host, state.pool.spawn(attempt, host)) for host in hosts]
+    failed: dict[str, str] = {
+        host.name: str(host.data.get(UNREACHABLE_DATA))
+        for host in hosts
+        if host.data.get(UNREACHABLE_DATA)
+    }
+    tried = [host for host in hosts if host.name not in failed]
+    attempts = [(host, state.pool.spawn(attempt, host)) for host in tried]
     gevent.joinall([greenlet for _, greenlet in attempts])
-    failed: dict[str, str] = {}
     for host, greenlet in attempts:
         reason = greenlet.get()  # re-raises what is not a host's failure (Ctrl-C)
         if reason is None:
@@ -83,3 +93,16 @@ def _drop_half_open(host: Host) -> None:
     client = getattr(host.connector, "client", None)
     if client is not None:
         client.close()
+
+
+def run_command(state: State, host: Host, command: StringCommand) -> tuple[bool, CommandOutput]:
+    """Run ``command`` on a connected host with its own global arguments (sudo, su, shell...)."""
+    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+    from pyinfra.context import ctx_host, ctx_state
+
+    with ctx_state.use(state), ctx_host.use(host):
+        arguments, _ = pop_global_arguments(state, host, {})
+        connector_arguments = {
+            key: value for key, value in arguments.items() if key in CONNECTOR_ARGUMENT_KEYS
+        }
+        return host.run_shell_command(command, **connector_arguments)

@@ -280,23 +280,16 @@ def read_host(state: State, host: Host) -> Reading:
     """The KSM state of one connected host, with its sudo settings, from one remote command."""
     from paramiko import SSHException
     from pyinfra.api import StringCommand
-    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
     from pyinfra.api.exceptions import FactProcessError
-    from pyinfra.context import ctx_host, ctx_state
 
     from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
 
-    with ctx_state.use(state), ctx_host.use(host):
-        arguments, _ = pop_global_arguments(state, host, {})
-        connector_arguments = {
-            key: value for key, value in arguments.items() if key in CONNECTOR_ARGUMENT_KEYS
-        }
-        try:
-            ok, output = host.run_shell_command(
-                StringCommand(KSM_HOST_COMMAND), **connector_arguments
-            )
-        except (OSError, TimeoutError, SSHException) as error:
-            return Reading(None, _one_line(str(error) or type(error).__name__))
+    from .connect import run_command
+
+    try:
+        ok, output = run_command(state, host, StringCommand(KSM_HOST_COMMAND))
+    except (OSError, TimeoutError, SSHException) as error:
+        return Reading(None, _one_line(str(error) or type(error).__name__))
     if not ok:
         reason = stderr_reason(output.stderr_lines) or "the KSM state command failed"
         return Reading(None, reason, output.stdout_lines)
@@ -577,12 +570,18 @@ def run(
     """
     from pyinfra.api.connect import disconnect_all
 
-    try:
-        inventory, names = make_inventory(request.inventory, request.override_data(), request.limit)
-    except InventoryError as error:
-        raise UsageError(str(error)) from None
-    _bound_handshake(inventory, names, request.connect_timeout)
-    with _logs(echo), no_password_prompt():
+    with _logs(echo), no_password_prompt():  # an inventory may connect (cli/cluster.py)
+        try:
+            inventory, names = make_inventory(
+                request.inventory,
+                request.override_data(),
+                request.limit,
+                sudo=request.sudo,
+                connect_timeout=request.connect_timeout,
+            )
+        except InventoryError as error:
+            raise UsageError(str(error)) from None
+        _bound_handshake(inventory, names, request.connect_timeout)
         state = _new_state(inventory, request, names)
         try:
             hosts = [inventory.get_host(name) for name in names]

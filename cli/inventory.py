@@ -9,7 +9,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyinfra.api import Inventory
+    from pyinfra.api import Config, Inventory
 
 
 class InventoryError(Exception):
@@ -61,22 +61,25 @@ def _hosts_inventory(names: list[str], override_data: dict[str, Any], cwd: str) 
     return Inventory((names, all_data), override_data=override_data, **groups)
 
 
-def _load(spec: str, names: list[str] | None, override_data: dict[str, Any]) -> Inventory:
+def _load(
+    spec: str, names: list[str] | None, override_data: dict[str, Any], config: Config
+) -> Inventory:
     """Run pyinfra's loading code as its CLI sets it up, and put back what it leaves behind."""
     from pyinfra.api import State
-    from pyinfra.context import ctx_inventory, ctx_state
+    from pyinfra.context import ctx_config, ctx_inventory, ctx_state
     from pyinfra_cli.inventory import make_inventory_from_files
     from pyinfra_cli.util import PYTHON_CODES
 
     cwd = os.getcwd()
     state = State()
     state.cwd = cwd  # group data files may read it, as under pyinfra's CLI
-    saved = ctx_state.get(), ctx_inventory.get()
+    saved = ctx_state.get(), ctx_inventory.get(), ctx_config.get()
     added = cwd not in sys.path  # pyinfra's CLI imports the inventory's imports from here
     if added:
         sys.path.append(cwd)
     PYTHON_CODES.clear()  # compiled code cached by file name: read each file as it is now
     ctx_state.set(state)
+    ctx_config.set(config)  # the run's sudo and timeout, for an inventory that connects
     try:
         if names is None:
             return make_inventory_from_files(spec, override_data, cwd=cwd)
@@ -87,6 +90,7 @@ def _load(spec: str, names: list[str] | None, override_data: dict[str, Any]) -> 
         # pyinfra's ctx.use() does not restore the context when the body raises.
         ctx_state.set(saved[0])
         ctx_inventory.set(saved[1])
+        ctx_config.set(saved[2])
         if added:
             sys.path.remove(cwd)
 
@@ -146,18 +150,28 @@ def select_hosts(inventory: Inventory, limit: list[str]) -> list[str]:
 
 
 def make_inventory(
-    spec: str, override_data: dict[str, Any], limit: list[str]
+    spec: str,
+    override_data: dict[str, Any],
+    limit: list[str],
+    *,
+    sudo: bool = False,
+    connect_timeout: int = 10,
 ) -> tuple[Inventory, list[str]]:
     """
     A pyinfra ``Inventory`` for ``spec`` and the names of the hosts to act on (``--limit``).
 
     ``spec`` is what ``pyinfra SPEC deploy.py`` takes: an inventory file, an ``@connector`` or
-    ``@connector/arg``, or host names separated by commas. Nothing is connected to.
+    ``@connector/arg``, or host names separated by commas. Nothing is connected to, unless the
+    inventory file itself does (a Proxmox VE cluster read from one node: cli/cluster.py), with
+    ``sudo`` and ``connect_timeout`` as pyinfra's ``--sudo`` and config give them to it.
     """
+    from pyinfra.api import Config
+
     names = _host_names(spec)
     if names == []:
         raise InventoryError(f"no host names in {spec!r}")
-    inventory = _load(spec, names, override_data)
+    config = Config(SUDO=sudo, CONNECT_TIMEOUT=connect_timeout)
+    inventory = _load(spec, names, override_data, config)
     if not len(inventory):
         raise InventoryError(f"inventory {spec} defines no hosts")
     return inventory, select_hosts(inventory, limit)

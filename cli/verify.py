@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 import paramiko
 
 from . import verify_plugin
+from .connect import UNREACHABLE_DATA
 from .engine import EXIT_NONCOMPLIANT, EXIT_OK, EXIT_UNREACHABLE, UsageError
 from .inventory import InventoryError, make_inventory
 
@@ -73,13 +74,14 @@ class Target:
     name: str
     spec: str
     ssh: SshTarget | None = None
+    unreachable: str | None = None  # known before probing (its ksm_unreachable data)
 
 
 def targets(
     inventory: str, limit: list[str], sudo: bool, timeout: int, ssh_config: Path
 ) -> list[Target]:
     """The inventory's chosen hosts for testinfra; writes their SSH settings to ``ssh_config``."""
-    loaded, chosen = make_inventory(inventory, {}, limit)
+    loaded, chosen = make_inventory(inventory, {}, limit, sudo=sudo, connect_timeout=timeout)
     found: list[Target] = []
     for name in chosen:
         if name.startswith("@local"):
@@ -90,7 +92,9 @@ def targets(
         query = {"ssh_config": str(ssh_config), "timeout": str(timeout)}
         if sudo or data.get("_sudo"):
             query["sudo"] = "true"
-        found.append(Target(name, f"paramiko://{ssh.alias}?{urlencode(query)}", ssh))
+        spec = f"paramiko://{ssh.alias}?{urlencode(query)}"
+        reason = data.get(UNREACHABLE_DATA)
+        found.append(Target(name, spec, ssh, str(reason) if reason else None))
     ssh_config.write_text("".join(t.ssh.config_block() for t in found if t.ssh))
     return found
 
@@ -310,7 +314,9 @@ def verify(
             raise UsageError(str(error)) from None
         junit = junit_xml or work / "junit.xml"
         _writable(junit)
-        dead = unreachable([host.ssh for host in hosts if host.ssh], connect_timeout)
+        dead = {host.name: host.unreachable for host in hosts if host.unreachable}
+        probed = [host.ssh for host in hosts if host.ssh and host.name not in dead]
+        dead |= unreachable(probed, connect_timeout)
         for name, reason in dead.items():
             warn(f"ksm-guard: {name}: unreachable: {reason}")
 

@@ -10,6 +10,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from .evidence import EVIDENCE_COMMAND, parse_evidence
+from .libvirt import LIBVIRT_COMMAND, link_domains, parse_libvirt
 from .model import (
     KSM_DIR,
     KSM_RUN_VALUES,
@@ -51,11 +52,19 @@ class Section:
     name: str
     command: str
     parse: Callable[[list[str]], object]
+    # Run once every section is parsed, when this one is in the output: to add what it says to
+    # the other sections' values.
+    finish: Callable[[HostState], None] | None = None
 
 
 # Sections added after the core ones, in the order they run: ``evidence`` says which host
-# answered and when (hostname, kernel, machine and boot ids, SSH host key fingerprints).
-EXTENSIONS: tuple[Section, ...] = (Section("evidence", EVIDENCE_COMMAND, parse_evidence),)
+# answered and when (hostname, kernel, machine and boot ids, SSH host key fingerprints);
+# ``libvirt_domains``, libvirt's QEMU domains and their nosharepages opt-out, given to the
+# running VMs they belong to.
+EXTENSIONS: tuple[Section, ...] = (
+    Section("evidence", EVIDENCE_COMMAND, parse_evidence),
+    Section("libvirt_domains", LIBVIRT_COMMAND, parse_libvirt, link_domains),
+)
 
 # Each section starts with a marker line, so that every output line is accounted for.
 CORE_COMMAND = "; ".join(
@@ -235,6 +244,9 @@ def parse_ksm_host(output: list[str], extensions: tuple[Section, ...] = EXTENSIO
     for extension in extensions:
         if extension.name in seen:
             found[extension.name] = extension.parse(extra.get(extension.name, []))
+    for extension in extensions:
+        if extension.name in seen and extension.finish is not None:
+            extension.finish(state)
     return state
 
 
@@ -243,8 +255,9 @@ class KsmHost(FactBase[HostState]):
     Returns the host's whole KSM picture: sysfs knobs and counters, the ksmtuned and ksm
     units, memory, page size, effective uid, the boot-persistence file, and the running QEMU
     VMs with their merged pages, resident and configured memory (Proxmox VE: VMID, name,
-    ``allow-ksm``, lock, template and memory from the configs). One VM's unreadable files give
-    that VM an ``error``; they never fail the fact.
+    ``allow-ksm``, lock, template and memory from the configs; libvirt: each domain's
+    ``<nosharepages/>``). One VM's unreadable files give that VM an ``error``; they never fail
+    the fact.
 
     .. code:: python
 
@@ -278,6 +291,11 @@ class KsmHost(FactBase[HostState]):
                          "host_keys": [{"path": "/etc/ssh/ssh_host_ed25519_key.pub", "bits": 256,
                                         "fingerprint": "SHA256:tTkR...", "comment": "root@pve1",
                                         "type": "ED25519"}]},
+            # libvirt's QEMU domains (None: no libvirt); a running one's nosharepages is its
+            # VM's allow_ksm (operations/libvirt.py)
+            "libvirt_domains": {
+                "db1": {"pid": 5120, "persistent": True, "nosharepages": True, "error": None},
+            },
         }
     """
 

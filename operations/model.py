@@ -156,6 +156,19 @@ class Evidence(TypedDict):
     host_keys: list[HostKey]  # /etc/ssh/ssh_host_*_key.pub, in glob order
 
 
+class LibvirtDomain(TypedDict):
+    """
+    A libvirt QEMU domain's KSM opt-out, ``<memoryBacking><nosharepages/>`` (libvirt's
+    counterpart of Proxmox VE's ``allow-ksm: 0``), from its files under /run/libvirt/qemu and
+    /etc/libvirt/qemu.
+    """
+
+    pid: int | None  # the running QEMU's pid, from <name>.pid; None: not running
+    persistent: bool | None  # it has a persistent definition; None: cannot be told
+    nosharepages: bool | None  # the definition it starts with next opts out; None: unread
+    error: str | None  # what of its files could not be read; None: all read
+
+
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
 Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
@@ -181,6 +194,8 @@ class HostState(TypedDict):
     vms: list[Vm]
     pve_configs: dict[str, PveConfig]
     evidence: NotRequired[Evidence]  # the ``evidence`` section (operations/evidence.py)
+    # libvirt's QEMU domains by name (operations/libvirt.py); None: no libvirt on the host.
+    libvirt_domains: NotRequired[dict[str, LibvirtDomain] | None]
 
 
 @dataclass(frozen=True)

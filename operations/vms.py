@@ -15,7 +15,12 @@ from .model import PveConfig, Vm
 PVE_PID_DIR = "/var/run/qemu-server"
 PVE_CONF_DIR = "/etc/pve/qemu-server"
 # A QEMU process's command name (/proc/PID/comm is cut at 15 characters: qemu-system-x86).
-QEMU_COMM = "kvm|qemu-kvm|qemu-system-.+"
+# Proxmox VE's is kvm (ksm-control-daemon's ksmtuned counts ``ps -C kvm``: proxmox/
+# ksm-control-daemon 23493367 debian/patches/ksmtuned.diff); the rest is ksmtuned's own pattern
+# (ksmtuned/ksmtuned 018d0ed5876a src/ksmtuned.sh.in committed_memory:
+# ``^qemu(-(kvm|system-.+)|:.{1,11})$``), whose ``qemu:<name>`` is the name QEMU gives itself
+# for libvirt's ``-name guest=<name>,process=qemu:<name>`` (qemu.conf set_process_name).
+QEMU_COMM = "kvm|qemu-kvm|qemu-system-.+|qemu:.{1,11}"
 # The config keys read: name, KSM (allow-ksm, args, pending deletes), memory, lock, template.
 CONF_KEYS = ("name", "allow-ksm", "delete", "args", "memory", "lock", "template")
 # /proc/PID/ksm_stat fields, in the order fs/proc/base.c proc_pid_ksm_stat() prints them (blame of
