@@ -17,9 +17,9 @@ audit: $(STAMP)
 ## test: lint, unit and CLI tests, the local real-KSM tests, then the QEMU VM suite
 test: lint test-unit test-real test-install test-vm
 
-## test-unit: fixture and CLI tests; no VMs, seconds
+## test-unit: fixture and CLI tests; no VMs; three pytest processes at once (scripts/test-unit.sh)
 test-unit: $(STAMP) test-deps
-	$(PYTEST) tests --ignore=tests/integration -m "not realksm and not install"
+	PYTEST=$(PYTEST) scripts/test-unit.sh
 
 ## test-real: this machine's own kernel KSM (needs root and /sys/kernel/mm/ksm)
 test-real: $(STAMP) test-deps
