@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from .netutil import free_port, wait_for_ssh_banner
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")
@@ -50,20 +51,6 @@ def _run(*argv: str) -> str:
     if done.returncode != 0:
         raise FleetError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
     return done.stdout
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that are free on 127.0.0.1 right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class Fleet:
@@ -123,7 +110,7 @@ class Fleet:
         )
         PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
 
-        ports = _free_ports(2 * self.size)
+        ports = [free_port() for _ in range(2 * self.size)]
         sshd_ports, relay_ports = ports[: self.size], ports[self.size :]
         launcher = self._clean_home_launcher()
         for i, port in enumerate(sshd_ports, start=1):
@@ -235,22 +222,21 @@ class Fleet:
     def _wait_ready(self) -> None:
         """Every sshd sends its banner, or the fleet fails with the first sshd log that says why."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        pending = list(zip(self.hosts, self.processes, strict=False))  # the relay comes last
-        while pending:
-            host, process = pending[0]
-            if process.poll() is not None:
-                log = self._log(f"{host.name}.sshd.log")
-                raise FleetError(f"sshd for {host.name} exited {process.returncode}: {log}")
+        for host, process in zip(self.hosts, self.processes, strict=False):  # the relay is last
+
+            def check(host: SshHost = host, process: subprocess.Popen[bytes] = process) -> None:
+                if process.poll() is not None:
+                    log = self._log(f"{host.name}.sshd.log")
+                    raise FleetError(f"sshd for {host.name} exited {process.returncode}: {log}")
+
             try:
-                with socket.create_connection((host.address, host.port), timeout=2) as sock:
-                    if sock.recv(8).startswith(b"SSH-"):
-                        pending.pop(0)
-                        continue
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise FleetError(f"sshd for {host.name} did not answer in {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
+                wait_for_ssh_banner(
+                    host.port, deadline - time.monotonic(), check=check, host=host.address
+                )
+            except TimeoutError:
+                raise FleetError(
+                    f"sshd for {host.name} did not answer in {READY_TIMEOUT_S:.0f} s"
+                ) from None
 
     def stop(self) -> None:
         """Kill every sshd we started (and its sessions) and the relay, delete the files."""

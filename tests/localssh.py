@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.vm.harness import free_port
+from bench.netutil import free_port, wait_for_ssh_banner
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -47,12 +46,12 @@ class LocalSshd:
         self.process.wait(timeout=10)
 
 
-def ssh_data(port: int, key: Path) -> dict[str, Any]:
-    """pyinfra host data for root on 127.0.0.1:``port``, without known-hosts checks."""
+def ssh_data(port: int, key: Path, user: str = "root") -> dict[str, Any]:
+    """pyinfra host data for ``user`` on 127.0.0.1:``port``, without known-hosts checks."""
     return {
         "ssh_hostname": "127.0.0.1",
         "ssh_port": port,
-        "ssh_user": "root",
+        "ssh_user": user,
         "ssh_key": str(key),
         "ssh_known_hosts_file": "/dev/null",
         "ssh_strict_host_key_checking": "no",
@@ -67,22 +66,6 @@ def _keygen(path: Path) -> None:
     )
 
 
-def _await_banner(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"sshd exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as peer:
-                if peer.recv(4).startswith(b"SSH-"):
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sshd on port {port} did not answer within {timeout:g} s")
-        time.sleep(0.05)
-
-
 def start_sshd(workdir: Path) -> LocalSshd:
     """Start an sshd on a free loopback port, with fresh host and client keys in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +77,13 @@ def start_sshd(workdir: Path) -> LocalSshd:
     config.write_text(SSHD_CONFIG.format(port=port, dir=workdir))
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)])
+
+    def check() -> None:
+        if process.poll() is not None:
+            raise RuntimeError(f"sshd exited with {process.returncode}")
+
     try:
-        _await_banner(port, process)
+        wait_for_ssh_banner(port, 10.0, check=check)
     except BaseException:
         process.kill()
         raise

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from bench.netutil import free_port
 from tests.dnsjail import ROOT, run_jailed, unavailable
 from tests.localssh import LocalSshd, silent_listener, ssh_data
-from tests.vm.harness import free_port
 
 BIN = Path(sys.executable).parent
 DEAD = ["never-answers.test", "also-never.test"]

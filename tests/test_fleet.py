@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from bench.netutil import free_port
 from ksm_guard.cli.app import app
 from ksm_guard.operations.facts import KSM_HOST_COMMAND
 from tests.localssh import LocalSshd, inventory_source, silent_listener, ssh_data
 from tests.results import hosts_of
-from tests.vm.harness import free_port
 
 runner = CliRunner()
 NAMES = [f"node{number}" for number in range(1, 6)]

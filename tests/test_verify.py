@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from bench.netutil import free_port
 from ksm_guard.cli.app import app
 from ksm_guard.cli.verify import GRACE, SshTarget, unreachable
 from tests.localssh import LocalSshd, inventory_source, silent_listener, ssh_data
-from tests.vm.harness import free_port
 
 runner = CliRunner()
 DEAD = ["closed", "hung", "dropped"]
