@@ -41,7 +41,7 @@ test-deps:
 	scripts/bootstrap.sh --test
 
 vm-image: $(STAMP) test-deps
-	$(BIN)/python -m tests.vm.harness build
+	$(BIN)/python -m tests.vm build
 
 ## bench: the fleet benchmark (docs/benchmarks.md): sshd hosts on this machine, ~20 min, root
 bench: $(STAMP) bench-deps

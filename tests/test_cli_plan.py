@@ -14,7 +14,7 @@ from ksm_guard.cli.capacity import capacity_summary, exit_code
 from ksm_guard.cli.capacity_render import as_json
 from ksm_guard.operations.capacity import CapacityInputError, hosts_from_document, plan_capacity
 from tests.test_capacity import CASES, load_case
-from tests.vm.harness import free_port
+from bench.netutil import free_port
 
 runner = CliRunner()
 CASE_DIR = CASES[0].parent

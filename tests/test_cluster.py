@@ -328,7 +328,7 @@ def test_no_membership_is_a_usage_error(
 
 def test_an_unreachable_seed_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The seed does not answer: exit 2, the seed named, within the connect timeout."""
-    from tests.vm.harness import free_port
+    from bench.netutil import free_port
 
     site = _site(tmp_path, MEMBERS, {"ssh_port": free_port(), "ssh_user": "root"})
     result = _run(monkeypatch, site, "audit")

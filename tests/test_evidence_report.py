@@ -34,7 +34,7 @@ from tests.localksm import locked
 from tests.localssh import LocalSshd, inventory_source, ssh_data
 from tests.pngread import colour_census
 from tests.test_fleet import on_the_wire
-from tests.vm.harness import free_port
+from bench.netutil import free_port
 
 __all__ = ["on_the_wire"]  # a fixture: imported to be used here (merged_pages is in conftest)
 

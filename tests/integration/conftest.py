@@ -9,14 +9,14 @@
 # - ``vm_session`` (session): the ``VmSession`` behind them all.
 #
 # State of a guest just restored: debian reads run=1 (ksm.service) until ksmtuned's first
-# adjustment writes run=0 about 60 s later (harness.KSMTUNED_FIRST_ADJUST_S); pve reads run=1 and
-# its ksmtuned keeps it so (2 s interval, tuned to switch KSM on); bare reads run=0, no ksmtuned.
-# Tests that need another state set it themselves (``Guest.start_workload`` merges pages).
+# adjustment writes run=0 about 60 s later; pve reads run=1 and its ksmtuned keeps it so (2 s
+# interval, tuned to switch KSM on); bare reads run=0, no ksmtuned. Tests that need another
+# state set it themselves (``Guest.start_workload`` merges pages).
 #
-# ``--keep-vms`` (or ``KSM_GUARD_KEEP_VMS=1``) leaves the VMs running after the session for
-# debugging; stop them later with ``python -m tests.vm.harness reap --all``. The option is only
+# ``--keep-vms`` (or ``KSM_GUARD_KEEP_VMS=1``) leaves every VM running, the per-test ones too,
+# for debugging; stop them later with ``python -m tests.vm reap --all``. The option is only
 # known when pytest is pointed at ``tests/integration`` (or a file in it); the variable always
-# works.
+# works. Fixtures hand guests back with ``vm_session.release``, which honours both.
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.harness import FLAVOURS, QEMU, Guest, VmSession
+from tests.vm.guest import Guest
+from tests.vm.qemu import QEMU
+from tests.vm.recipe import FLAVOURS
+from tests.vm.session import VmSession, keep_vms_from_env
 
 HERE = Path(__file__).resolve().parent
 REQUIRED_TOOLS = (QEMU, "qemu-img", "debootstrap", "mkfs.ext4", "ssh", "ssh-keygen", "dpkg-deb")
@@ -41,7 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--keep-vms",
         action="store_true",
         default=False,
-        help="leave the test VMs running after the session (see tests/vm/harness.py reap)",
+        help="leave the test VMs running after the session (python -m tests.vm reap --all)",
     )
 
 
@@ -54,9 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _keep_vms(config: pytest.Config) -> bool:
     """Tell whether the VMs should outlive the session."""
-    return bool(config.getoption("--keep-vms", default=False)) or (
-        os.environ.get("KSM_GUARD_KEEP_VMS") == "1"
-    )
+    return bool(config.getoption("--keep-vms", default=False)) or keep_vms_from_env()
 
 
 def _require_vm_tooling() -> None:
@@ -93,7 +94,7 @@ def fleet(vm_session: VmSession) -> dict[str, Guest]:
 
 
 @pytest.fixture
-def fresh_guest(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterator[FreshGuest]:
+def fresh_guest(vm_session: VmSession) -> Iterator[FreshGuest]:
     """Return a factory of pristine guests restored from the snapshot; stop them afterwards."""
     started: list[Guest] = []
 
@@ -103,18 +104,12 @@ def fresh_guest(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterat
         return guest
 
     yield start
-    if not _keep_vms(request.config):
-        for guest in started:
-            vm_session.stop(guest)
+    vm_session.release(started)
 
 
 @pytest.fixture
-def fresh_fleet(
-    vm_session: VmSession, request: pytest.FixtureRequest
-) -> Iterator[dict[str, Guest]]:
+def fresh_fleet(vm_session: VmSession) -> Iterator[dict[str, Guest]]:
     """Start one pristine guest per flavour in parallel; stop them after the test."""
     guests = vm_session.start_many(FLAVOURS)
     yield guests
-    if not _keep_vms(request.config):
-        for guest in guests.values():
-            vm_session.stop(guest)
+    vm_session.release(guests.values())

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN
-from tests.vm.harness import Guest, VmSession
+from tests.vm.guest import Guest
+from tests.vm.session import VmSession
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SEED_IP, MEMBER_IP, OFFLINE_IP = "192.0.2.11", "192.0.2.12", "192.0.2.13"

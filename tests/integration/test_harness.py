@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.harness import FLAVOURS, Guest, unreachable_host, write_inventory
+from tests.vm.guest import Guest
+from tests.vm.inventory import unreachable_host, write_inventory
+from tests.vm.recipe import FLAVOURS
 
 FreshGuest = Callable[..., Guest]  # the ``fresh_guest`` fixture (see conftest.py)
 KSM_RUN = "/sys/kernel/mm/ksm/run"

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from bench.netutil import free_port
 from tests.conftest import BIN
 from tests.results import hosts_of
-from tests.vm.harness import Guest, free_port, write_inventory
+from tests.vm.guest import Guest
+from tests.vm.inventory import write_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"debian": ("ksmtuned.service", "ksm.service"), "pve": ("ksmtuned.service",)}

@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import BIN
 from tests.integration.test_scenarios import ROOT, ksm_guard
 from tests.results import hosts_of
-from tests.vm.harness import WORKLOAD_SCRIPT, Guest, VmSession, write_inventory
+from tests.vm.guest import WORKLOAD_SCRIPT, Guest
+from tests.vm.inventory import write_inventory
+from tests.vm.session import VmSession
 
 QM_STAND_IN = Path(__file__).with_name("qm_stand_in.py")
 CONF_100 = "name: web1\nmemory: 1024\n\n[before-upgrade]\nallow-ksm: 0\nname: web1-old\n"
@@ -55,7 +57,7 @@ dpkg -i /tmp/qemu-server.deb >/dev/null; rm -rf "$d" /tmp/qemu-server.deb"""
 
 
 @pytest.fixture(scope="module")
-def node(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterator[Guest]:
+def node(vm_session: VmSession) -> Iterator[Guest]:
     """A pve guest with the Proxmox-like layout and VM 100's pages merged (ksmtuned: run=1)."""
     guest = vm_session.start("pve", name="pve-vms")
     try:
@@ -79,8 +81,7 @@ def node(vm_session: VmSession, request: pytest.FixtureRequest) -> Iterator[Gues
         )
         yield guest
     finally:
-        if not request.config.getoption("--keep-vms", default=False):
-            vm_session.stop(guest)
+        vm_session.release([guest])
 
 
 @pytest.fixture(scope="module")
