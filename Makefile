@@ -32,14 +32,18 @@ test-install: $(STAMP)
 ## test-vm: build (or reuse) the Debian 12 image, boot the test VMs, run the integration suite
 # Run apart from the other tiers: pyinfra-testing imports pyinfra_cli, which gevent-patches the
 # whole process, and the VM harness wants the standard library's subprocess.
+# VM_WORKERS pytest-xdist workers, each with its own VMs (2: one test's guest and host work
+# alternate, leaving a core idle); 0 runs them in this process.
+VM_WORKERS ?= 2
 test-vm: $(STAMP) test-deps
-	$(PYTEST) tests/integration
+	$(PYTEST) tests/integration -n $(VM_WORKERS) --dist loadgroup
 
 ## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs,
 ## Chromium to render the report page)
 test-deps:
 	scripts/bootstrap.sh --test
 
+## vm-image: build (or reuse) the VM images only
 vm-image: $(STAMP) test-deps
 	$(BIN)/python -m tests.vm build
 

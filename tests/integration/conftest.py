@@ -1,7 +1,8 @@
 """Fixtures for the real-VM integration tests: a shared fleet and pristine throwaway guests."""
 
-# - ``fleet`` (session): one running guest per flavour, ``{"debian": g, "pve": g, "bare": g}``.
-#   Shared by every test: use it read-only (audits, checks).
+# - ``fleet`` (module): one running guest per flavour, ``{"debian": g, "pve": g, "bare": g}``.
+#   Shared by the module's tests: use it read-only (audits, checks). Stopped after the module:
+#   an idle pve guest alone costs a quarter of a host core (ksmtuned every 2 s under TCG).
 # - ``fresh_guest`` (function): factory ``fresh_guest("pve", memory_mib=None, name=None)``
 #   returning a pristine guest restored from the booted snapshot (~3 s); stopped after the test.
 #   Use it for anything that changes the guest (disable, unmerge, reboot).
@@ -17,6 +18,10 @@
 # for debugging; stop them later with ``python -m tests.vm reap --all``. The option is only
 # known when pytest is pointed at ``tests/integration`` (or a file in it); the variable always
 # works. Fixtures hand guests back with ``vm_session.release``, which honours both.
+#
+# ``make test-vm`` runs the tests on pytest-xdist workers (``--dist loadgroup``), each with its
+# own ``vm_session``: the tests using ``fleet`` form one group, so that one worker boots it, and
+# a module whose tests build on each other marks itself with one ``xdist_group`` too.
 
 from __future__ import annotations
 
@@ -48,11 +53,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test under tests/integration with ``vm``."""
+    """Mark every test under tests/integration with ``vm``; put the fleet's users in one group."""
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.vm)
+            if "fleet" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group("fleet"))
 
 
 def _keep_vms(config: pytest.Config) -> bool:
@@ -87,10 +95,12 @@ def vm_session(request: pytest.FixtureRequest) -> Iterator[VmSession]:
         yield session
 
 
-@pytest.fixture(scope="session")
-def fleet(vm_session: VmSession) -> dict[str, Guest]:
-    """Boot one guest per flavour (debian, pve, bare) for the whole session; read-only use."""
-    return vm_session.start_many(FLAVOURS)
+@pytest.fixture(scope="module")
+def fleet(vm_session: VmSession) -> Iterator[dict[str, Guest]]:
+    """Boot one guest per flavour (debian, pve, bare) for the module's tests; read-only use."""
+    guests = vm_session.start_many(FLAVOURS)
+    yield guests
+    vm_session.release(guests.values())
 
 
 @pytest.fixture

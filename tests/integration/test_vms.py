@@ -25,6 +25,8 @@ from tests.vm.guest import WORKLOAD_SCRIPT, Guest
 from tests.vm.inventory import write_inventory
 from tests.vm.session import VmSession
 
+pytestmark = pytest.mark.xdist_group("pve-node")  # one node, its tests in order
+
 QM_STAND_IN = Path(__file__).with_name("qm_stand_in.py")
 CONF_100 = "name: web1\nmemory: 1024\n\n[before-upgrade]\nallow-ksm: 0\nname: web1-old\n"
 CONF_101 = "name: db1\nallow-ksm: 0\nmemory: 512\n"
