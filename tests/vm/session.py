@@ -3,8 +3,10 @@
 # Per session, guests run from copies of the snapshot overlay in a temp dir
 # (``/tmp/ksm-guard-vms-*``); they are stopped by the PID in their pidfile (context manager,
 # atexit, SIGTERM/SIGHUP), unless the session keeps them (``keep=True``, default from
-# ``KSM_GUARD_KEEP_VMS=1``). VMs of sessions whose owner died are reaped by the next session or
-# ``python -m tests.vm reap``.
+# ``KSM_GUARD_KEEP_VMS=1``): then ``release`` (tests done with a guest, a failed start) and
+# ``close`` leave every guest running; only the guests that make snapshots are always stopped.
+# VMs of sessions whose owner died are reaped by the next session or ``python -m tests.vm reap``
+# (``--all``: kept ones too).
 
 from __future__ import annotations
 
@@ -239,8 +241,7 @@ class VmSession:
         try:
             parallel(lambda g: g.restore(self.snapshot_path(g.flavour, memory)), guests)
         except BaseException:
-            for guest in guests:
-                self.stop(guest)
+            self.release(guests)  # kept with ``keep``: a failed restore is worth a look
             raise
         self._write_ssh_config()
         return guests
