@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from bench.netutil import free_port
 from ksm_guard.cli.app import app
 from ksm_guard.cli.capacity import capacity_summary, exit_code
 from ksm_guard.cli.capacity_render import as_json
 from ksm_guard.operations.capacity import CapacityInputError, hosts_from_document, plan_capacity
 from tests.test_capacity import CASES, load_case
-from bench.netutil import free_port
 
 runner = CliRunner()
 CASE_DIR = CASES[0].parent

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from bench.netutil import free_port
 from ksm_guard.cli.app import app
 from ksm_guard.cli.evidence import CONTROLS, raw_names
 from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
@@ -34,7 +35,6 @@ from tests.localksm import locked
 from tests.localssh import LocalSshd, inventory_source, ssh_data
 from tests.pngread import colour_census
 from tests.test_fleet import on_the_wire
-from bench.netutil import free_port
 
 __all__ = ["on_the_wire"]  # a fixture: imported to be used here (merged_pages is in conftest)
 

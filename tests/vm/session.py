@@ -221,9 +221,11 @@ class VmSession:
         """Start one pristine guest of ``flavour`` from its booted snapshot."""
         return self._start([flavour], [name] if name else None, memory_mib)[0]
 
-    def start_many(self, flavours: Sequence[str]) -> dict[str, Guest]:
-        """Start pristine guests in parallel; return them by name (their flavour, or numbered)."""
-        return {guest.name: guest for guest in self._start(flavours, None, None)}
+    def start_many(
+        self, flavours: Sequence[str], names: Sequence[str] | None = None
+    ) -> dict[str, Guest]:
+        """Start pristine guests in parallel; return them by name (default: their flavour)."""
+        return {guest.name: guest for guest in self._start(flavours, names, None)}
 
     def _start(
         self, flavours: Sequence[str], names: Sequence[str] | None, memory_mib: int | None
