@@ -310,8 +310,9 @@ def report(
     connect_timeout: int,
     echo: Callable[[str], None] | None,
     policy: str | None = None,
+    sharing: bool = False,
 ) -> Report:
-    """Audit (change nothing), then write the bundle to ``out``."""
+    """Audit (change nothing), then write the bundle to ``out``; ``sharing``: with the map."""
     from .engine import Request, run
 
     prepare(out)
@@ -324,6 +325,7 @@ def report(
         max_fraction=max_fraction,
         policy=policy,
         connect_timeout=connect_timeout,
+        sharing=sharing,
     )
     meta = Meta.now(inventory)
     built = build(run(request, echo=echo), meta)
