@@ -336,7 +336,7 @@ def read_sharing_host(state: State, host: Host, reading: Reading) -> None:
         uid = host_state["uid"]
         sharing.unreadable(host_state, f"needs root (uid {uid}; try --sudo): pagemap hides PFNs")
         return
-    pids = [vm["pid"] for vm in host_state["vms"]]
+    pids = sorted(vm["pid"] for vm in host_state["vms"])  # pairs come back lower pid first
     if not pids:
         sharing.apply_scan(host_state, sharing.parse_scan(["## tenants", "## scan"]))
         return
