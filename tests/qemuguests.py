@@ -103,16 +103,35 @@ def merge_until_stable(pids: list[int]) -> None:
 
 
 @contextmanager
+def local_ksmd() -> Iterator[None]:
+    """
+    Hold the local-KSM lock for the block. Afterwards (stop the guests inside the block first)
+    unmerge what is left (``run=2``: an exited process's KSM pages stay counted until then) and
+    restore ``run``, ``pages_to_scan`` and ``sleep_millisecs``.
+    """
+    with locked():
+        knobs = {name: read(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
+        try:
+            yield
+        finally:
+            write("run", 0)
+            write("run", 2)
+            write("run", 0)
+            write("pages_to_scan", knobs["pages_to_scan"])
+            write("sleep_millisecs", knobs["sleep_millisecs"])
+            if knobs["run"] != 0:
+                write("run", knobs["run"])
+
+
+@contextmanager
 def merged_guests(
     directory: Path, specs: list[tuple[str, int, Path | None]]
 ) -> Iterator[list[Guest]]:
     """
     Start the guests ``(name, MiB, data)``, merge them with the local ksmd and freeze it
-    (``run=0``); the lock is held throughout. Afterwards the guests are stopped, their merged
-    pages unmerged (``run=2``), and ``run``, ``pages_to_scan``, ``sleep_millisecs`` restored.
+    (``run=0``), all under the lock; afterwards stop them and restore ksmd (``local_ksmd``).
     """
-    with locked():
-        knobs = {name: read(name) for name in ("run", "pages_to_scan", "sleep_millisecs")}
+    with local_ksmd():
         guests: list[Guest] = []
         try:
             for name, mib, data in specs:
@@ -121,10 +140,3 @@ def merged_guests(
             yield guests
         finally:
             stop_guests(guests)
-            write("run", 0)
-            write("run", 2)  # the exited guests' KSM pages stay counted until an unmerge
-            write("run", 0)
-            write("pages_to_scan", knobs["pages_to_scan"])
-            write("sleep_millisecs", knobs["sleep_millisecs"])
-            if knobs["run"] != 0:
-                write("run", knobs["run"])
