@@ -15,8 +15,13 @@ WITHIN_RGB = (96, 125, 139)  # grey-blue: merged only within the VM, no channel
 
 
 def _fill(rgb: tuple[int, int, int], share: float) -> str:
-    """``rgb`` blended over white by ``share`` (0 white, 1 full colour)."""
-    red, green, blue = (round(255 - (255 - part) * share) for part in rgb)
+    """
+    ``rgb`` over white by ``share`` of the largest value: white for nothing, at least a clear
+    tint for any sharing, full colour for the largest; square-root scale, so that a pair with a
+    hundredth of the top still shows.
+    """
+    strength = 0.0 if share <= 0 else 0.18 + 0.82 * min(share, 1.0) ** 0.5
+    red, green, blue = (round(255 - (255 - part) * strength) for part in rgb)
     return f"rgb({red},{green},{blue})"
 
 
@@ -62,8 +67,9 @@ def pair_matrix(audit: AuditRecord) -> str:
                 f'stroke="#dde3ea"><title>{escape(title)}</title></rect>'
             )
     size = LABEL + len(vms) * CELL + 4
+    width = size + LABEL  # room for the last column's slanted label
     return (
-        f'<svg class="sharing" viewBox="0 0 {size} {size}" style="max-width:{size * 1.5:.0f}px" '
+        f'<svg class="sharing" viewBox="0 0 {width} {size}" style="max-width:{width * 1.5:.0f}px" '
         f'role="img" aria-label="KSM pages shared between VMs">{"".join(parts)}</svg>'
         '<div class="legend">'
         f'<span><i class="swatch" style="background:{_fill(SHARED_RGB, 1)}"></i>shared between '
