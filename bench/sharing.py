@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ class ScanRun:
     cpu_s: float  # user + system of the perl process
     ksm_pages: int  # distinct KSM pages the guests map, as the scan counted them
     pairs: int
-    max_rss_mib: float  # the largest resident set of any child so far (ru_maxrss)
+    peak_mib: float  # the perl process's peak resident set (its VmHWM, which it prints)
 
     def line(self) -> str:
         gib = self.guest_bytes / GIB
@@ -46,29 +45,34 @@ class ScanRun:
             f"{self.what:<28} {gib:5.2f} GiB guest RAM  wall {self.wall_s:6.3f} s "
             f"({gib / self.wall_s:6.2f} GiB/s)  CPU {self.cpu_s:6.3f} s "
             f"({gib / max(self.cpu_s, 1e-6):6.2f} GiB/s per core)  "
-            f"{self.ksm_pages} KSM pages, {self.pairs} pairs, perl max RSS "
-            f"{self.max_rss_mib:.0f} MiB"
+            f"{self.ksm_pages} KSM pages, {self.pairs} pairs, perl peak RSS "
+            f"{self.peak_mib:.0f} MiB"
         )
 
 
 def scan(what: str, guests: list[Guest], guest_bytes: int) -> ScanRun:
     """Run the scan once over the guests, as the remote command runs it (perl -e SCRIPT ...)."""
     pids = [str(guest.pid) for guest in sorted(guests, key=lambda g: g.pid)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    output = subprocess.run(
-        ["perl", "-e", SCAN_SCRIPT, str(os.sysconf("SC_PAGE_SIZE")), *pids],
-        capture_output=True, text=True, check=True, timeout=600,
-    ).stdout.splitlines()  # fmt: skip
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(
+            ["perl", "-e", SCAN_SCRIPT, str(os.sysconf("SC_PAGE_SIZE")), *pids], stdout=out
+        )
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise RuntimeError(f"the scan exited {process.returncode}")
+        out.seek(0)
+        output = out.read().splitlines()
+    cpu = usage.ru_utime + usage.ru_stime
     errors = [line for line in output if "error=" in line]
     if errors:
         raise RuntimeError(f"the scan failed: {errors}")
     ksm = sum(int(line.split("ksm=")[1].split()[0]) for line in output if line.startswith("vm "))
     pairs = sum(1 for line in output if line.startswith("pair "))
-    return ScanRun(what, guest_bytes, wall, cpu, ksm, pairs, after.ru_maxrss / 1024)
+    peak = int(next(line for line in output if line.startswith("cpu ")).split("peak_kib=")[1])
+    return ScanRun(what, guest_bytes, wall, cpu, ksm, pairs, peak / 1024)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ _VM_LINE = re.compile(
     r"vm pid=(\d+) (?:error=(.*)|scanned=(\d+) ksm=(\d+) within=(\d+) other=(\d+))"
 )
 _PAIR_LINE = re.compile(r"pair (\d+) (\d+) (\d+)")
-_CPU_LINE = re.compile(r"cpu user=([\d.]+) system=([\d.]+) candidates=(\d+)")
+_CPU_LINE = re.compile(r"cpu user=([\d.]+) system=([\d.]+) candidates=(\d+)(?: peak_kib=\d+)?")
 _POOL_LINE = re.compile(re.escape(USER_CFG) + r":pool:([^:]+):[^:]*:([^:]*):.*")
 _CONF_LINE = re.compile(re.escape(PVE_CONF_DIR) + r"/(\d+)\.conf:(.*)")
 

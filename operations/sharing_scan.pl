@@ -115,5 +115,9 @@ for my $key (sort keys %pair) {
     print "pair $pids[$first] $pids[$second] $pair{$key}\n";
 }
 my ($user, $system) = times;
-printf "cpu user=%.3f system=%.3f candidates=%d\n", $user - $user0, $system - $system0,
-    scalar @candidates;
+my $peak = 0;    # this process's peak resident set (VmHWM), for the benchmark
+if (open(my $status, '<', '/proc/self/status')) {
+    while (<$status>) { $peak = $1 if /^VmHWM:\s*(\d+)/ }
+}
+printf "cpu user=%.3f system=%.3f candidates=%d peak_kib=%d\n", $user - $user0,
+    $system - $system0, scalar @candidates, $peak;

@@ -150,7 +150,7 @@ def test_the_command_sends_the_script_and_reads_only() -> None:
     shell = command.partition("perl -e")[0]
     assert ">" not in shell.replace(">/dev/null", "")  # no redirection into a file
     opens = re.findall(r"\bopen\(my \$\w+, '([^']*)'|open\(\$\$ref, '([^']*)'", SCAN_SCRIPT)
-    assert len(opens) == SCAN_SCRIPT.count("open(") == 3
+    assert len(opens) == SCAN_SCRIPT.count("open(") == 4
     assert {mode for pair in opens for mode in pair if mode} == {"<", "<:raw"}  # reads only
 
 
