@@ -164,6 +164,7 @@ class Reading:
     state: HostState | None
     error: str | None = None
     output: list[str] = field(default_factory=list)
+    sharing_output: list[str] = field(default_factory=list)  # audit --sharing's scan, as received
 
 
 # -- step helpers ---------------------------------------------------------------------------
@@ -350,6 +351,7 @@ def read_sharing_host(state: State, host: Host, reading: Reading) -> None:
         why = stderr_reason(output.stderr_lines) or "the sharing scan failed"
         sharing.unreadable(host_state, why)
         return
+    reading.sharing_output = output.stdout_lines
     try:
         sharing.apply_scan(host_state, sharing.parse_scan(output.stdout_lines))
     except FactProcessError as error:

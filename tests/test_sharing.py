@@ -251,3 +251,6 @@ def test_report_draws_the_pair_matrix(pve: str, tmp_path: Path) -> None:
     assert matrix is not None
     assert matrix.group(0).count("<rect ") == 9
     assert "100 (web1) and 102 (mail) share 8.0 MiB" in matrix.group(0)
+    scan = out / "raw" / "_fake_pve-a1.sharing.txt"
+    assert scan.read_text().splitlines() == _scan_lines()
+    assert f"  raw/{scan.name}" in (out / "SHA256SUMS").read_text()
