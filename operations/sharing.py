@@ -18,8 +18,9 @@ SCAN_SCRIPT = Path(__file__).with_name("sharing_scan.pl").read_text(encoding="ut
 
 USER_CFG = "/etc/pve/user.cfg"
 PVE_CONF_DIR = "/etc/pve/qemu-server"
-# A tag naming a VM's tenant when no pool does (qemu-server's ``tags`` are pve-tag-list:
-# letters, digits, ``_-+.``; no ``=`` or ``:``, hence a prefix).
+# A tag naming a VM's tenant when no pool does. qemu-server's ``tags`` are a pve-tag-list, each
+# tag matching $PVE_TAG_RE ``[a-z0-9_][a-z0-9_\-\+\.]*`` (proxmox/pve-common 0219596da205,
+# src/PVE/JSONSchema.pm): no ``=`` or ``:``, hence a prefix.
 TENANT_TAG = "tenant-"
 
 _VM_LINE = re.compile(
@@ -94,7 +95,8 @@ def parse_pools(lines: list[str]) -> dict[str, str]:
 def parse_tags(lines: list[str]) -> dict[str, list[str]]:
     """
     ``tags:`` of each config's main section by VMID (snapshot and pending sections skipped), split
-    at ``;``, ``,`` and white space as pve-common's split_list does for qemu-server's pve-tag-list.
+    at ``;``, ``,`` and white space: a ``-list`` format is split by PVE::Tools::split_list
+    (pve-common 0219596da205, src/PVE/JSONSchema.pm check_format).
     """
     tags: dict[str, list[str]] = {}
     main: dict[str, bool] = {}
