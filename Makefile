@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ksm-guard-installed
 PYTEST := $(BIN)/pytest
 
-.PHONY: audit test test-unit test-real test-install test-vm lint test-deps vm-image bench bench-deps clean
+.PHONY: audit test test-unit test-real test-install test-vm lint test-deps vm-image bench bench-sharing bench-deps clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	VENV=$(VENV) scripts/bootstrap.sh
@@ -51,6 +51,11 @@ vm-image: $(STAMP) test-deps
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m pip install -q --disable-pip-version-check --group bench
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.sharing
+
+## bench-sharing: the cost of audit --vms --sharing's scan on 4 GiB of real QEMU guests (root)
+bench-sharing: $(STAMP) test-deps
+	$(BIN)/python -m bench.sharing
 
 bench-deps:
 	scripts/bootstrap.sh --bench

@@ -133,6 +133,14 @@ IgnoreWaiversOpt = Annotated[
 VmsOpt = Annotated[
     bool, typer.Option("--vms", help="Also list each running VM's merged memory and allow-ksm.")
 ]
+SharingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--sharing",
+        help="With --vms: which VMs share physical KSM pages with which (root; reads each "
+        "QEMU process's page tables in one more command per host).",
+    ),
+]
 TextfileDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -264,14 +272,20 @@ def audit(
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
     vms: VmsOpt = False,
+    sharing: SharingOpt = False,
     textfile_dir: TextfileDirOpt = None,
     policy: PolicyOpt = None,
 ) -> None:
     """Report each host's KSM state and verdict; change nothing."""
+    if sharing and not vms:
+        from .engine import EXIT_USAGE
+
+        _err("ksm-guard: --sharing maps the VMs' memory: give it with --vms")
+        raise typer.Exit(EXIT_USAGE)
     _execute(
         "audit", output, True, verbose, inventory=inventory, limit=limit or [],
         parallel=parallel, sudo=sudo, max_fraction=max_fraction, connect_timeout=connect_timeout,
-        show_vms=vms, textfile_dir=textfile_dir, policy=policy,
+        show_vms=vms, textfile_dir=textfile_dir, policy=policy, sharing=sharing,
     )  # fmt: skip
 
 
@@ -555,6 +569,7 @@ def report(
     connect_timeout: TimeoutOpt = 10,
     verbose: VerboseOpt = False,
     policy: PolicyOpt = None,
+    sharing: SharingOpt = False,
 ) -> None:
     """
     Audit (change nothing) and write an evidence bundle: report.html, report.json,
@@ -569,7 +584,7 @@ def report(
         written = write_report(
             inventory=inventory, limit=limit or [], out=out, parallel=parallel, sudo=sudo,
             max_fraction=max_fraction, connect_timeout=connect_timeout,
-            echo=_err if verbose else None, policy=policy,
+            echo=_err if verbose else None, policy=policy, sharing=sharing,
         )  # fmt: skip
     except UsageError as error:
         _err(f"ksm-guard: {error}")

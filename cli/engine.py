@@ -67,6 +67,7 @@ class Request:
     policy: str | None = None  # host or strict; None: each host's ksm_policy (default host)
     ignore_waivers: bool = False
     order: str = ORDER_INVENTORY  # ORDER_PLAN: hosts the capacity plan calls safe first
+    sharing: bool = False  # audit: also the cross-VM sharing map (one more command per host)
 
     @property
     def batch_size(self) -> int:
@@ -107,6 +108,12 @@ class HostResult:
     unmerge: dict[str, Any] | None = None  # pages, bytes, seconds, memory_used_bytes
 
     @property
+    def sharing_error(self) -> str | None:
+        """Why ``--sharing`` could not map this host (the rest of its audit stands)."""
+        sharing = self.audit.get("sharing") if self.audit else None
+        return sharing["error"] if sharing else None
+
+    @property
     def verdict(self) -> Verdict:
         if self.status is Status.UNREACHABLE:
             return Verdict.UNREACHABLE
@@ -130,7 +137,7 @@ class RunResult:
     def exit_code(self) -> int:
         if self.declined:
             return EXIT_OK
-        if any(h.verdict.unread for h in self.hosts):
+        if any(h.verdict.unread or h.sharing_error for h in self.hosts):
             return EXIT_UNREACHABLE
         if any(h.status in (Status.REFUSED, Status.FAILED) or h.skipped for h in self.hosts):
             return EXIT_NONCOMPLIANT
@@ -157,6 +164,7 @@ class Reading:
     state: HostState | None
     error: str | None = None
     output: list[str] = field(default_factory=list)
+    sharing_output: list[str] = field(default_factory=list)  # audit --sharing's scan, as received
 
 
 # -- step helpers ---------------------------------------------------------------------------
@@ -299,6 +307,57 @@ def read_host(state: State, host: Host) -> Reading:
         return Reading(None, str(error), output.stdout_lines)
 
 
+def read_sharing(state: State, hosts: list[Host], readings: dict[str, Reading]) -> None:
+    """The sharing map of every host read, at once: one more command per host with VMs."""
+    import gevent
+
+    greenlets = [
+        state.pool.spawn(read_sharing_host, state, host, readings[host.name])
+        for host in hosts
+        if readings[host.name].state is not None
+    ]
+    gevent.joinall(greenlets)
+
+
+def read_sharing_host(state: State, host: Host, reading: Reading) -> None:
+    """
+    Scan the host's QEMU processes (operations/sharing.py) into its read state. Without root, or
+    when the scan fails, the map says why; the rest of the audit is left as read.
+    """
+    from paramiko import SSHException
+    from pyinfra.api.exceptions import FactProcessError
+
+    from ksm_guard.operations import sharing
+
+    from .connect import run_command
+
+    host_state = reading.state
+    assert host_state is not None
+    if host_state["uid"] != 0:
+        uid = host_state["uid"]
+        sharing.unreadable(host_state, f"needs root (uid {uid}; try --sudo): pagemap hides PFNs")
+        return
+    pids = sorted(vm["pid"] for vm in host_state["vms"])  # pairs come back lower pid first
+    if not pids:
+        sharing.apply_scan(host_state, sharing.parse_scan(["## tenants", "## scan"]))
+        return
+    command = sharing.sharing_command(host_state["page_size"], pids)
+    try:
+        ok, output = run_command(state, host, command)
+    except (OSError, TimeoutError, SSHException) as error:
+        sharing.unreadable(host_state, _one_line(str(error) or type(error).__name__))
+        return
+    if not ok:
+        why = stderr_reason(output.stderr_lines) or "the sharing scan failed"
+        sharing.unreadable(host_state, why)
+        return
+    reading.sharing_output = output.stdout_lines
+    try:
+        sharing.apply_scan(host_state, sharing.parse_scan(output.stdout_lines))
+    except FactProcessError as error:
+        sharing.unreadable(host_state, str(error))
+
+
 def plan_host(host: Host, reading: Reading) -> HostPlan | None:
     """The host's plan for the mode and options its data names (None: state unreadable)."""
     from ksm_guard.operations.model import Options, SettingsError, settings_from_data
@@ -375,6 +434,8 @@ def preview(
         if reading.state is not None:
             result.audit = audit_record(reading.state, _options(host_plan))
             result.status = Status.OK
+            if result.sharing_error and result.detail is None:
+                result.detail = f"no sharing map: {result.sharing_error}"
         if host_plan is not None and host_plan.refusal is not None:
             result.status, result.refusal = Status.REFUSED, host_plan.refusal
             result.detail = host_plan.refusal.reason
@@ -588,6 +649,8 @@ def run(
             unreachable = connect(state, hosts, request.connect_timeout)
             live = [host for host in hosts if host.name not in unreachable]
             readings = read(state, live)
+            if request.sharing and request.mode is Mode.AUDIT:
+                read_sharing(state, live, readings)
             plans = {host.name: plan_host(host, readings[host.name]) for host in live}
             planned = preview(request, names, unreachable, readings, plans)
             if request.mode is Mode.AUDIT or request.dry_run or not planned.pending:

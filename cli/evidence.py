@@ -89,6 +89,14 @@ class HostReport:
     raw_path: str | None
     raw_sha256: str | None
     controls: list[tuple[Control, Outcome]]
+    # report --sharing: the sharing scan's output as received, in raw/<name>.sharing.txt
+    sharing_output: list[str] | None = None
+
+    @property
+    def sharing_path(self) -> str | None:
+        if self.raw_path is None or not self.sharing_output:
+            return None
+        return self.raw_path.removesuffix(".txt") + ".sharing.txt"
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,8 @@ def build(result: RunResult, meta: Meta) -> Report:
         if output is not None:
             digest = hashlib.sha256(raw_text(output).encode()).hexdigest()
         path = names[host.host] if output is not None else None
-        hosts.append(HostReport(host, state, output, path, digest, _outcomes(host, state)))
+        scan = reading.sharing_output if reading is not None and reading.sharing_output else None
+        hosts.append(HostReport(host, state, output, path, digest, _outcomes(host, state), scan))
     return Report(meta, result, hosts)
 
 
@@ -255,6 +264,9 @@ def files(report: Report) -> dict[str, bytes]:
         for host in report.hosts
         if host.raw_path and host.output is not None
     }
+    for host in report.hosts:
+        if host.sharing_path and host.sharing_output:
+            found[host.sharing_path] = raw_text(host.sharing_output).encode()
     found[JSON_FILE] = (json.dumps(as_document(report), indent=2) + "\n").encode()
     found[JUNIT_FILE] = junit(report)
     found[HTML_FILE] = page(report).encode()
@@ -310,8 +322,9 @@ def report(
     connect_timeout: int,
     echo: Callable[[str], None] | None,
     policy: str | None = None,
+    sharing: bool = False,
 ) -> Report:
-    """Audit (change nothing), then write the bundle to ``out``."""
+    """Audit (change nothing), then write the bundle to ``out``; ``sharing``: with the map."""
     from .engine import Request, run
 
     prepare(out)
@@ -324,6 +337,7 @@ def report(
         max_fraction=max_fraction,
         policy=policy,
         connect_timeout=connect_timeout,
+        sharing=sharing,
     )
     meta = Meta.now(inventory)
     built = build(run(request, echo=echo), meta)

@@ -15,6 +15,7 @@ from ksm_guard.operations.model import PERSIST_PATH, Verdict
 from ksm_guard.operations.report import AuditRecord, human_bytes, record_unit_state
 
 from .evidence import CONTROLS, JSON_FILE, JUNIT_FILE, SUMS_FILE
+from .sharing_svg import section as sharing_section
 
 if TYPE_CHECKING:
     from ksm_guard.operations.model import Evidence, Vm
@@ -438,7 +439,7 @@ def _host(number: int, host: HostReport) -> str:
         f"<h3>run and counters</h3>{_figures(audit)}"
         f"<h3>Units</h3>{_units(audit)}"
         f"<h3>Boot persistence</h3><p>{persistence}</p>"
-        f"<h3>VMs</h3>{_vms(audit['vms'])}"
+        f"<h3>VMs</h3>{_vms(audit['vms'])}{sharing_section(audit, _table)}"
         f"<h3>KSM sysfs</h3>{_sysfs(host)}"
         f"<h3>Evidence</h3>{_evidence(host)}</section>"
     )

@@ -13,10 +13,10 @@ import socket
 import tempfile
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ksm_guard.operations.model import Vm
-from ksm_guard.operations.report import ACTIVE_STATES
+from ksm_guard.operations.report import ACTIVE_STATES, AuditRecord
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -41,6 +41,20 @@ _METRICS = {
         "1 when a VM's allow-ksm differs from how its QEMU runs until a stop/start.",
         "gauge",
     ),
+    # audit --sharing only
+    "ksm_guard_vm_pair_shared_bytes": (
+        "Bytes of distinct physical KSM pages two running VMs both map (audit --sharing).",
+        "gauge",
+    ),
+    "ksm_guard_vm_merged_within_bytes": (
+        "Bytes of distinct KSM pages only this VM maps (audit --sharing).",
+        "gauge",
+    ),
+    "ksm_guard_vm_shared_with_other_bytes": (
+        "Bytes of distinct KSM pages this VM maps that a process other than a VM maps too "
+        "(audit --sharing).",
+        "gauge",
+    ),
 }
 
 
@@ -57,7 +71,7 @@ def host_label(name: str) -> str:
     return socket.gethostname() if name == "@local" else name
 
 
-def vm_label(vm: Vm) -> str:
+def vm_label(vm: Vm | dict[str, Any]) -> str:
     """The ``vmid`` label: the Proxmox VMID, else QEMU's ``-uuid``, else ``pid-<PID>``."""
     return str(vm.get("vmid") or vm.get("uuid") or f"pid-{vm['pid']}")
 
@@ -91,6 +105,27 @@ def _samples(result: HostResult) -> list[tuple[str, str, int]]:
             samples.append(("ksm_guard_vm_merged_bytes", labels, vm["merged_bytes"]))
         if vm["allow_ksm"] is not None:
             samples.append(("ksm_guard_vm_restart_pending", labels, int(vm["restart_pending"])))
+        within, other = vm.get("merged_within_bytes"), vm.get("shared_with_other_bytes")
+        if within is not None:
+            samples.append(("ksm_guard_vm_merged_within_bytes", labels, within))
+        if other is not None:
+            samples.append(("ksm_guard_vm_shared_with_other_bytes", labels, other))
+    return samples + _pair_samples(host, audit)
+
+
+def _pair_samples(host: str, audit: AuditRecord) -> list[tuple[str, str, int]]:
+    """
+    One gauge per VM pair of the sharing map: each VM's vmid and name as labels, ``_a`` the VM
+    with the lower pid.
+    """
+    samples = []
+    for pair in (audit.get("sharing") or {}).get("pairs", []):
+        first, second = pair["a"], pair["b"]
+        labels = _labels(
+            host=host, vmid_a=vm_label(first), name_a=first["name"] or "",
+            vmid_b=vm_label(second), name_b=second["name"] or "",
+        )  # fmt: skip
+        samples.append(("ksm_guard_vm_pair_shared_bytes", labels, pair["bytes"]))
     return samples
 
 

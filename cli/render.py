@@ -180,6 +180,11 @@ def _report(result: RunResult, vms: bool) -> list[str]:
     lines = _columns([[*header, "UNITS"]] + [_row(h) for h in result.hosts])
     if vms or result.mode is Mode.VM_OPTOUT:
         lines += ["", *vm_table(result)]
+    if vms:
+        from .sharing_render import sharing_table
+
+        sharing = sharing_table(result)
+        lines += ["", *sharing] if sharing else []
     notes = _notes(result)
     return [*lines, "", *notes] if notes else lines
 

@@ -116,6 +116,15 @@ class PveConfig(TypedDict):
     error: str | None  # what of this VM's config or pid file could not be read; None: all read
 
 
+class SharedWith(TypedDict):
+    """Another VM a VM shares physical KSM pages with (audit --sharing)."""
+
+    pid: int
+    vmid: str | None
+    name: str | None
+    bytes: int  # distinct physical KSM pages both map, times the page size
+
+
 class Vm(TypedDict):
     """A running QEMU process and its merged memory."""
 
@@ -132,6 +141,14 @@ class Vm(TypedDict):
     rss_bytes: int | None  # VmRSS of /proc/PID/status; None: unreadable
     configured_bytes: int | None  # the most the VM can use: config memory, else QEMU's -m
     error: str | None  # what of this VM's files could not be read; None: all read
+    # audit --sharing only (operations/sharing.py); None where the scan could not read the VM
+    shared_with: NotRequired[list[SharedWith] | None]
+    shared_with_other_bytes: NotRequired[int | None]
+    merged_within_bytes: NotRequired[int | None]
+    ksm_mapped_bytes: NotRequired[int | None]
+    tenant: NotRequired[str | None]
+    tenant_source: NotRequired[str | None]  # "pool" or "tag"
+    sharing_error: NotRequired[str | None]
 
 
 class HostKey(TypedDict):
@@ -196,6 +213,8 @@ class HostState(TypedDict):
     evidence: NotRequired[Evidence]  # the ``evidence`` section (operations/evidence.py)
     # libvirt's QEMU domains by name (operations/libvirt.py); None: no libvirt on the host.
     libvirt_domains: NotRequired[dict[str, LibvirtDomain] | None]
+    # audit --sharing: the cross-VM sharing map's host part (operations/sharing.py apply_scan)
+    sharing: NotRequired[dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
-from typing import TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from .model import (
     ALLOW_KSM_SINCE,
@@ -74,6 +74,7 @@ class AuditRecord(TypedDict):
     boot_persistence: str
     qemu_server: str | None
     vms: list[Vm]
+    sharing: NotRequired[dict[str, Any]]  # audit --sharing: pairs, tenant pairs (sharing.py)
 
 
 def human_bytes(count: int) -> str:
@@ -219,7 +220,7 @@ def audit_record(
     real = verdict_of(outcomes, ksm is not None)
     waiver = waiver_record(options.waiver, today or utc_today())
     waived = waiver is not None and waiver["active"] and real.exposed
-    return {
+    record: AuditRecord = {
         "verdict": Verdict.WAIVED if waived else real,
         "verdict_unwaived": real,
         "policy": options.policy,
@@ -249,6 +250,9 @@ def audit_record(
         "qemu_server": state.get("qemu_server"),
         "vms": sorted((Vm(**vm) for vm in state.get("vms") or []), key=exposure_order),
     }
+    if "sharing" in state:
+        record["sharing"] = state["sharing"]
+    return record
 
 
 def record_unit_state(unit: UnitRecord) -> str:
