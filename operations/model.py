@@ -169,6 +169,17 @@ class LibvirtDomain(TypedDict):
     error: str | None  # what of its files could not be read; None: all read
 
 
+class ClusterInfo(TypedDict):
+    """
+    The host's Proxmox VE cluster as its own ``/etc/pve/.members`` says (operations/cluster.py):
+    the capacity plan's pool and the node name ``qm migrate`` wants.
+    """
+
+    name: str | None  # the cluster's name; None: a node in no cluster (a cluster of one)
+    node: str | None  # the node's own name; None: the file could not be read
+    error: str | None  # why the file could not be read or parsed; None: read
+
+
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
 Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
@@ -196,6 +207,8 @@ class HostState(TypedDict):
     evidence: NotRequired[Evidence]  # the ``evidence`` section (operations/evidence.py)
     # libvirt's QEMU domains by name (operations/libvirt.py); None: no libvirt on the host.
     libvirt_domains: NotRequired[dict[str, LibvirtDomain] | None]
+    # the Proxmox VE cluster (operations/cluster.py); None: no /etc/pve/.members on the host.
+    cluster: NotRequired[ClusterInfo | None]
 
 
 @dataclass(frozen=True)
