@@ -144,6 +144,11 @@ def pool_lines(plan: CapacityPlan) -> list[str]:
 
 
 def summary_line(plan: CapacityPlan, code: int) -> str:
+    """The run in one line (``outlook``) and the exit code."""
+    return f"{outlook(plan)}; exit {code}"
+
+
+def outlook(plan: CapacityPlan) -> str:
     """
     The run in one line: RAM, what KSM saves, what is left after unmerge, the moves; ``pool``,
     or ``fleet`` when the hosts fall into several pools (one per Proxmox VE cluster).
@@ -180,17 +185,35 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
     else:
         read = " read" if plan.unread else ""
         text += f": every host{read} safe, no moves needed"
-    return f"{text}; exit {code}"
+    return text
 
 
-def table(plan: CapacityPlan, code: int) -> str:
-    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
+def grid(plan: CapacityPlan) -> list[list[str]]:
+    """The per-host table, header first; the after-moves columns only when there are moves."""
     moves = bool(plan.moves)
     header = ["HOST", "RAM", "AVAILABLE", "KSM SAVED", "NEED / ALLOWED", "LEFT AFTER UNMERGE"]
     header += ["VM CONFIGURED", "SAFE"]
     if moves:
         header += ["LEFT AFTER MOVES", "SAFE AFTER"]
-    lines = _columns([header] + [_row(host, moves) for host in plan.in_order()])
+    return [header] + [_row(host, moves) for host in plan.in_order()]
+
+
+def notes(plan: CapacityPlan) -> list[str]:
+    """Why hosts are unsafe, before and after the moves, and the hosts that were not read."""
+    found = node_notes(plan)
+    for host in plan.hosts:
+        if not host.safe_now:
+            found.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
+        if not host.safe_after and plan.moves:
+            missing = "" if host.missing is None else f", {human_bytes(host.missing)} missing"
+            found.append(f"{host.host}: still unsafe after the moves{missing}")
+    return found + [f"{host.host}: {host.detail}" for host in plan.unread]
+
+
+def table(plan: CapacityPlan, code: int) -> str:
+    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
+    moves = bool(plan.moves)
+    lines = _columns(grid(plan))
     if moves:
         lines += [
             "",
@@ -200,16 +223,9 @@ def table(plan: CapacityPlan, code: int) -> str:
         for move in plan.moves:
             command = command_line(move)
             lines += [f"  {move_line(move)}", *([f"    {command}"] if command else [])]
-    notes = node_notes(plan)
-    for host in plan.hosts:
-        if not host.safe_now:
-            notes.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
-        if not host.safe_after and moves:
-            missing = "" if host.missing is None else f", {human_bytes(host.missing)} missing"
-            notes.append(f"{host.host}: still unsafe after the moves{missing}")
-    notes += [f"{host.host}: {host.detail}" for host in plan.unread]
-    if notes:
-        lines += ["", *notes]
+    found = notes(plan)
+    if found:
+        lines += ["", *found]
     pools = pool_lines(plan)
     closing = pools or [n_plus_1_line(plan)]
     return "\n".join([*lines, "", *closing, summary_line(plan, code)])

@@ -27,10 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ksm_guard.operations.capacity import CapacityPlan, plan_capacity
 from ksm_guard.operations.controls import CONTROLS, Control, Outcome, evaluate
 from ksm_guard.operations.model import HostState, Mode, Policy
 
 from . import __version__
+from .capacity import exit_code, inputs_from_run
+from .capacity_render import plan_document
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -96,6 +99,7 @@ class Report:
     meta: Meta
     result: RunResult
     hosts: list[HostReport]
+    capacity: CapacityPlan  # ``ksm-guard plan`` on the same reads (--min-headroom 0.10)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -149,7 +153,7 @@ def build(result: RunResult, meta: Meta) -> Report:
             digest = hashlib.sha256(raw_text(output).encode()).hexdigest()
         path = names[host.host] if output is not None else None
         hosts.append(HostReport(host, state, output, path, digest, _outcomes(host, state)))
-    return Report(meta, result, hosts)
+    return Report(meta, result, hosts, plan_capacity(inputs_from_run(result)))
 
 
 def as_document(report: Report) -> dict[str, Any]:
@@ -166,6 +170,7 @@ def as_document(report: Report) -> dict[str, Any]:
         "controls": [{"id": c.id, "title": c.title} for c in CONTROLS],
         "files": {"html": HTML_FILE, "junit": JUNIT_FILE, "sums": SUMS_FILE},
     }
+    data["capacity"] = plan_document(report.capacity, exit_code(report.capacity))
     for entry, host in zip(data["hosts"], report.hosts, strict=True):
         entry["evidence"] = host.state.get("evidence") if host.state else None
         entry["raw_output"] = (
