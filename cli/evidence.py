@@ -36,7 +36,7 @@ from .capacity import exit_code, inputs_from_run
 from .capacity_render import plan_document
 
 if TYPE_CHECKING:
-    from .engine import HostResult, RunResult
+    from .engine import HostResult, Request, RunResult
 
 HTML_FILE = "report.html"
 JSON_FILE = "report.json"
@@ -304,33 +304,14 @@ def write(out: Path, contents: dict[str, bytes]) -> None:
         raise BundleError(f"cannot write the report {out}: {where}: {error.strerror}") from None
 
 
-def report(
-    *,
-    inventory: str,
-    limit: list[str],
-    out: Path,
-    parallel: int,
-    sudo: bool,
-    max_fraction: float | None,
-    connect_timeout: int,
-    echo: Callable[[str], None] | None,
-    policy: str | None = None,
-) -> Report:
+def report(request: Request, out: Path, echo: Callable[[str], None] | None) -> Report:
     """Audit (change nothing), then write the bundle to ``out``."""
-    from .engine import Request, run
+    from .engine import run
 
+    if request.mode is not Mode.AUDIT:
+        raise ValueError(f"an evidence report reads the fleet with an audit, not {request.mode}")
     prepare(out)
-    request = Request(
-        mode=Mode.AUDIT,
-        inventory=inventory,
-        limit=limit,
-        parallel=parallel,
-        sudo=sudo,
-        max_fraction=max_fraction,
-        policy=policy,
-        connect_timeout=connect_timeout,
-    )
-    meta = Meta.now(inventory)
+    meta = Meta.now(request.inventory)
     built = build(run(request, echo=echo), meta)
     write(out, files(built))
     return built
