@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .engine import Request
 
 EXIT_CODES = (
     "Exit codes: 0 all hosts compliant (audit) or all changes done; "
@@ -522,11 +525,8 @@ def plan(
 
     try:
         if from_file is None:
-            hosts = capacity.read_fleet(
-                inventory=inventory, limit=limit or [], parallel=parallel, sudo=sudo,
-                max_fraction=max_fraction, connect_timeout=connect_timeout,
-                echo=_err if verbose else None,
-            )  # fmt: skip
+            request = _read_only(inventory, limit, parallel, sudo, max_fraction, connect_timeout)
+            hosts = capacity.read_fleet(request, echo=_err if verbose else None)
         elif getattr(ctx.get_parameter_source("inventory"), "name", None) == "COMMANDLINE":
             raise UsageError("--from and --inventory exclude each other: the file is the fleet")
         else:
@@ -541,6 +541,27 @@ def plan(
     for host in result.unread:
         _err(f"ksm-guard: {host.host}: {host.detail}")
     raise typer.Exit(code)
+
+
+def _read_only(
+    inventory: str,
+    limit: list[str] | None,
+    parallel: int,
+    sudo: bool,
+    max_fraction: float | None,
+    connect_timeout: int,
+    policy: str | None = None,
+    sharing: bool = False,
+) -> Request:
+    """The audit that ``plan`` and ``report`` read the fleet with: it changes nothing."""
+    from ksm_guard.operations.model import Mode
+
+    from .engine import Request
+
+    return Request(
+        mode=Mode.AUDIT, inventory=inventory, limit=limit or [], parallel=parallel, sudo=sudo,
+        max_fraction=max_fraction, connect_timeout=connect_timeout, policy=policy, sharing=sharing,
+    )  # fmt: skip
 
 
 REPORT_EXIT_CODES = (
@@ -581,11 +602,10 @@ def report(
     from .evidence import report as write_report
 
     try:
-        written = write_report(
-            inventory=inventory, limit=limit or [], out=out, parallel=parallel, sudo=sudo,
-            max_fraction=max_fraction, connect_timeout=connect_timeout,
-            echo=_err if verbose else None, policy=policy, sharing=sharing,
-        )  # fmt: skip
+        request = _read_only(
+            inventory, limit, parallel, sudo, max_fraction, connect_timeout, policy, sharing
+        )
+        written = write_report(request, out, echo=_err if verbose else None)
     except UsageError as error:
         _err(f"ksm-guard: {error}")
         raise typer.Exit(EXIT_USAGE) from None

@@ -57,28 +57,12 @@ def plan_order(result: RunResult, names: Sequence[str]) -> list[str]:
     return safe_first([inputs[name] for name in names])
 
 
-def read_fleet(
-    *,
-    inventory: str,
-    limit: list[str],
-    parallel: int,
-    sudo: bool,
-    max_fraction: float | None,
-    connect_timeout: int,
-    echo: Callable[[str], None] | None,
-) -> list[HostInput]:
+def read_fleet(request: Request, echo: Callable[[str], None] | None) -> list[HostInput]:
     """Read every host once, as ``audit`` does (one remote command each); change nothing."""
     from .engine import run
 
-    request = Request(
-        mode=Mode.AUDIT,
-        inventory=inventory,
-        limit=limit,
-        parallel=parallel,
-        sudo=sudo,
-        max_fraction=max_fraction,
-        connect_timeout=connect_timeout,
-    )
+    if request.mode is not Mode.AUDIT:
+        raise ValueError(f"a capacity plan reads the fleet with an audit, not {request.mode}")
     return inputs_from_run(run(request, echo=echo))
 
 

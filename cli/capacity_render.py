@@ -11,7 +11,9 @@ from ksm_guard.operations.capacity import (
     HostInput,
     Memory,
     Move,
+    NPlusOne,
     Outcome,
+    Pool,
 )
 from ksm_guard.operations.report import human_bytes
 
@@ -101,12 +103,16 @@ def node_notes(plan: CapacityPlan) -> list[str]:
 
 def n_plus_1_line(plan: CapacityPlan) -> str:
     """Whether the others, KSM off, take the VMs of the most loaded host if it fails."""
-    check = plan.n_plus_1
+    return n_plus_1_text(plan.n_plus_1, plan.min_headroom)
+
+
+def n_plus_1_text(check: NPlusOne | None, min_headroom: float) -> str:
+    """One pool's N+1 line."""
     if check is None or check.host is None:
         return "N+1: no VM memory known: no host's failure to weigh"
     unknown = f", {check.unknown} of unknown size not counted" if check.unknown else ""
     vms = f"its {check.vms} VM(s) ({human_bytes(check.bytes)}{unknown})"
-    keeping = f"each keeping {plan.min_headroom * 100:g}% of RAM available"
+    keeping = f"each keeping {min_headroom * 100:g}% of RAM available"
     if check.fits:
         return f"N+1: if {check.host} fails, {vms} fit on the other hosts with KSM off, {keeping}"
     how = "" if check.exhaustive else " (greedy packing: too many VMs to try every one)"
@@ -116,18 +122,45 @@ def n_plus_1_line(plan: CapacityPlan) -> str:
     )
 
 
+def pool_lines(plan: CapacityPlan) -> list[str]:
+    """With several pools, each pool's outcome and N+1 line (moves never leave a pool)."""
+    if len(plan.pools) < 2:
+        return []
+    lines = []
+    for pool in plan.pools:
+        if pool.outcome is Outcome.IMPOSSIBLE:
+            outcome = f"cannot be made safe, {human_bytes(pool.missing)} of RAM missing"
+        elif pool.moves:
+            outcome = f"safe after {pool.moves} move(s), {human_bytes(pool.moved_bytes)}"
+        else:
+            outcome = "every host safe, no moves needed"
+        alone = pool.key is not None and pool.key.cluster is None
+        members = "" if alone else f" ({', '.join(pool.hosts)})"
+        lines += [
+            f"{pool.label}{members}: {outcome}",
+            f"  {n_plus_1_text(pool.n_plus_1, plan.min_headroom)}",
+        ]
+    return lines
+
+
 def summary_line(plan: CapacityPlan, code: int) -> str:
+    """The run in one line (``outlook``) and the exit code."""
+    return f"{outlook(plan)}; exit {code}"
+
+
+def outlook(plan: CapacityPlan) -> str:
     """
-    The pool in one line: RAM, what KSM saves, what is left after unmerge, the moves. The pool
-    is every host read, as one: cluster membership is not read.
+    The run in one line: RAM, what KSM saves, what is left after unmerge, the moves; ``pool``,
+    or ``fleet`` when the hosts fall into several pools (one per Proxmox VE cluster).
     """
     hosts = plan.hosts
     total = sum(host.load.mem_total for host in hosts)
     left = sum(host.now.left for host in hosts)
     unsafe = sum(not host.safe_now for host in hosts)
     unread = f", {len(plan.unread)} unread" if plan.unread else ""
+    where = f"fleet of {len(plan.pools)} pools" if len(plan.pools) > 1 else "pool"
     text = (
-        f"pool: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
+        f"{where}: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
         f"RAM {human_bytes(total)}, available {human_bytes(sum(h.now.available for h in hosts))}, "
         f"KSM saves {human_bytes(sum(h.now.need for h in hosts))}; after unmerge "
         f"{human_bytes(left)} ({_share(left, total)}) available"
@@ -141,7 +174,8 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
         blocked = [host.host for host in short if host.missing is None]
         if lacking:
             text += (
-                f"; the pool cannot absorb it: {human_bytes(plan.missing)} of RAM missing "
+                f"; the {'fleet' if len(plan.pools) > 1 else 'pool'} cannot absorb it: "
+                f"{human_bytes(plan.missing)} of RAM missing "
                 f"({', '.join(lacking)})"
             )
         if blocked:
@@ -151,17 +185,35 @@ def summary_line(plan: CapacityPlan, code: int) -> str:
     else:
         read = " read" if plan.unread else ""
         text += f": every host{read} safe, no moves needed"
-    return f"{text}; exit {code}"
+    return text
 
 
-def table(plan: CapacityPlan, code: int) -> str:
-    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
+def grid(plan: CapacityPlan) -> list[list[str]]:
+    """The per-host table, header first; the after-moves columns only when there are moves."""
     moves = bool(plan.moves)
     header = ["HOST", "RAM", "AVAILABLE", "KSM SAVED", "NEED / ALLOWED", "LEFT AFTER UNMERGE"]
     header += ["VM CONFIGURED", "SAFE"]
     if moves:
         header += ["LEFT AFTER MOVES", "SAFE AFTER"]
-    lines = _columns([header] + [_row(host, moves) for host in plan.in_order()])
+    return [header] + [_row(host, moves) for host in plan.in_order()]
+
+
+def notes(plan: CapacityPlan) -> list[str]:
+    """Why hosts are unsafe, before and after the moves, and the hosts that were not read."""
+    found = node_notes(plan)
+    for host in plan.hosts:
+        if not host.safe_now:
+            found.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
+        if not host.safe_after and plan.moves:
+            missing = "" if host.missing is None else f", {human_bytes(host.missing)} missing"
+            found.append(f"{host.host}: still unsafe after the moves{missing}")
+    return found + [f"{host.host}: {host.detail}" for host in plan.unread]
+
+
+def table(plan: CapacityPlan, code: int) -> str:
+    """One row per host, the moves, why hosts are unsafe, the N+1 line, then the pool line."""
+    moves = bool(plan.moves)
+    lines = _columns(grid(plan))
     if moves:
         lines += [
             "",
@@ -171,17 +223,12 @@ def table(plan: CapacityPlan, code: int) -> str:
         for move in plan.moves:
             command = command_line(move)
             lines += [f"  {move_line(move)}", *([f"    {command}"] if command else [])]
-    notes = node_notes(plan)
-    for host in plan.hosts:
-        if not host.safe_now:
-            notes.append(f"{host.host}: unsafe: {'; '.join(host.reasons_now)}")
-        if not host.safe_after and moves:
-            missing = "" if host.missing is None else f", {human_bytes(host.missing)} missing"
-            notes.append(f"{host.host}: still unsafe after the moves{missing}")
-    notes += [f"{host.host}: {host.detail}" for host in plan.unread]
-    if notes:
-        lines += ["", *notes]
-    return "\n".join([*lines, "", n_plus_1_line(plan), summary_line(plan, code)])
+    found = notes(plan)
+    if found:
+        lines += ["", *found]
+    pools = pool_lines(plan)
+    closing = pools or [n_plus_1_line(plan)]
+    return "\n".join([*lines, "", *closing, summary_line(plan, code)])
 
 
 def _figures(memory: Memory, host: HostCapacity) -> dict[str, Any]:
@@ -228,7 +275,7 @@ def _move(move: Move) -> dict[str, Any]:
         "command": move.command,
         "run_on": move.source_node or move.source,
         "to_node": move.target_node or move.target,
-        "to_node_from": "inventory" if move.target_node is None else "hostname",
+        "to_node_from": move.target_node_from or "inventory",
         "size_from": vm.size_source,
         "rss_bytes": vm.rss_bytes,
         "configured_bytes": vm.configured_bytes,
@@ -290,12 +337,29 @@ def plan_document(plan: CapacityPlan, code: int) -> dict[str, Any]:
         },
         "hosts": [_host(host) for host in plan.in_order()],
         "moves": [_move(move) for move in plan.moves],
-        "n_plus_1": _n_plus_1(plan),
+        "n_plus_1": _n_plus_1(plan.n_plus_1),
+        "pools": [_pool(pool) for pool in plan.pools],
     }
 
 
-def _n_plus_1(plan: CapacityPlan) -> dict[str, Any] | None:
-    check = plan.n_plus_1
+def _pool(pool: Pool) -> dict[str, Any]:
+    key = pool.key
+    return {
+        "cluster": key.cluster if key else None,
+        "node": key.node if key else None,
+        "label": pool.label,
+        "hosts": list(pool.hosts),
+        "outcome": pool.outcome,
+        "feasible": pool.outcome is not Outcome.IMPOSSIBLE,
+        "shortfall_bytes": pool.missing if pool.outcome is Outcome.IMPOSSIBLE else 0,
+        "moves": pool.moves,
+        "moved_bytes": pool.moved_bytes,
+        "search": "exhaustive" if pool.exhaustive else "greedy",
+        "n_plus_1": _n_plus_1(pool.n_plus_1),
+    }
+
+
+def _n_plus_1(check: NPlusOne | None) -> dict[str, Any] | None:
     if check is None:
         return None
     return {

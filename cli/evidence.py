@@ -27,13 +27,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ksm_guard.operations.capacity import CapacityPlan, plan_capacity
 from ksm_guard.operations.controls import CONTROLS, Control, Outcome, evaluate
 from ksm_guard.operations.model import HostState, Mode, Policy
 
 from . import __version__
+from .capacity import exit_code, inputs_from_run
+from .capacity_render import plan_document
 
 if TYPE_CHECKING:
-    from .engine import HostResult, RunResult
+    from .engine import HostResult, Request, RunResult
 
 HTML_FILE = "report.html"
 JSON_FILE = "report.json"
@@ -104,6 +107,7 @@ class Report:
     meta: Meta
     result: RunResult
     hosts: list[HostReport]
+    capacity: CapacityPlan  # ``ksm-guard plan`` on the same reads (--min-headroom 0.10)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -158,7 +162,7 @@ def build(result: RunResult, meta: Meta) -> Report:
         path = names[host.host] if output is not None else None
         scan = reading.sharing_output if reading is not None and reading.sharing_output else None
         hosts.append(HostReport(host, state, output, path, digest, _outcomes(host, state), scan))
-    return Report(meta, result, hosts)
+    return Report(meta, result, hosts, plan_capacity(inputs_from_run(result)))
 
 
 def as_document(report: Report) -> dict[str, Any]:
@@ -175,6 +179,7 @@ def as_document(report: Report) -> dict[str, Any]:
         "controls": [{"id": c.id, "title": c.title} for c in CONTROLS],
         "files": {"html": HTML_FILE, "junit": JUNIT_FILE, "sums": SUMS_FILE},
     }
+    data["capacity"] = plan_document(report.capacity, exit_code(report.capacity))
     for entry, host in zip(data["hosts"], report.hosts, strict=True):
         entry["evidence"] = host.state.get("evidence") if host.state else None
         entry["raw_output"] = (
@@ -311,35 +316,14 @@ def write(out: Path, contents: dict[str, bytes]) -> None:
         raise BundleError(f"cannot write the report {out}: {where}: {error.strerror}") from None
 
 
-def report(
-    *,
-    inventory: str,
-    limit: list[str],
-    out: Path,
-    parallel: int,
-    sudo: bool,
-    max_fraction: float | None,
-    connect_timeout: int,
-    echo: Callable[[str], None] | None,
-    policy: str | None = None,
-    sharing: bool = False,
-) -> Report:
-    """Audit (change nothing), then write the bundle to ``out``; ``sharing``: with the map."""
-    from .engine import Request, run
+def report(request: Request, out: Path, echo: Callable[[str], None] | None) -> Report:
+    """Audit (change nothing), then write the bundle to ``out`` (the map too with --sharing)."""
+    from .engine import run
 
+    if request.mode is not Mode.AUDIT:
+        raise ValueError(f"an evidence report reads the fleet with an audit, not {request.mode}")
     prepare(out)
-    request = Request(
-        mode=Mode.AUDIT,
-        inventory=inventory,
-        limit=limit,
-        parallel=parallel,
-        sudo=sudo,
-        max_fraction=max_fraction,
-        policy=policy,
-        connect_timeout=connect_timeout,
-        sharing=sharing,
-    )
-    meta = Meta.now(inventory)
+    meta = Meta.now(request.inventory)
     built = build(run(request, echo=echo), meta)
     write(out, files(built))
     return built

@@ -14,6 +14,16 @@ from urllib.parse import quote
 from ksm_guard.operations.model import PERSIST_PATH, Verdict
 from ksm_guard.operations.report import AuditRecord, human_bytes, record_unit_state
 
+from .capacity_render import (
+    command_line,
+    grid,
+    move_line,
+    n_plus_1_line,
+    notes,
+    outlook,
+    pool_lines,
+    search_words,
+)
 from .evidence import CONTROLS, JSON_FILE, JUNIT_FILE, SUMS_FILE
 from .sharing_svg import section as sharing_section
 
@@ -417,6 +427,36 @@ def _evidence(host: HostReport) -> str:
     return "".join(parts)
 
 
+def _capacity(report: Report) -> str:
+    """``ksm-guard plan`` on the same reads: per-host table, moves, notes, pools, N+1."""
+    plan = report.capacity
+    header, *rows = grid(plan)
+    numeric = {index: "num" for index in range(1, 7)}
+    parts = [
+        '<section id="capacity"><h2>Capacity plan</h2>',
+        "<p>What switching KSM off costs each host (the model of <code>ksm-guard plan</code>, "
+        "keeping 10% of RAM available; nothing was run):</p>",
+        _table(
+            [escape(column.lower()) for column in header],
+            [[escape(c) for c in r] for r in rows],
+            numeric,
+        ),
+    ]
+    if plan.moves:
+        items = []
+        for move in plan.moves:
+            command = command_line(move)
+            run = f"<br><code>{escape(command)}</code>" if command else ""
+            items.append(f"<li>{escape(move_line(move))}{run}</li>")
+        parts.append(
+            f"<h3>Proposed moves ({escape(search_words(plan))})</h3><ul>{''.join(items)}</ul>"
+        )
+    lines = [*notes(plan), *(pool_lines(plan) or [n_plus_1_line(plan)])]
+    lines.append(outlook(plan))
+    parts.append("".join(f"<p>{escape(line.strip())}</p>" for line in lines))
+    return "".join(parts) + "</section>"
+
+
 def _host(number: int, host: HostReport) -> str:
     result, audit = host.result, host.result.audit
     head = (
@@ -454,7 +494,7 @@ def page(report: Report) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
-        f"{_header(report)}{_summary(report)}{hosts}"
+        f"{_header(report)}{_summary(report)}{_capacity(report)}{hosts}"
         f"<footer><p>Controls:</p><ul>{controls}</ul>"
         f"<p>This page, <code>{JSON_FILE}</code>, <code>{JUNIT_FILE}</code> and every "
         f"<code>raw/</code> file are listed in <code>{SUMS_FILE}</code>: run "

@@ -6,9 +6,11 @@ read or a saved ``ksm-guard audit -o json``) and says, per host, whether its unm
 very preflight ``unmerge`` applies (``plan.unmerge_refusal``) and leaves enough memory available;
 for hosts that fail, which VMs to move where so that every host ends safe, moving the fewest
 bytes (searched exhaustively when few VMs weigh, a greedy beyond), or how much RAM the pool
-lacks; and whether the others could take the most loaded host's VMs if it failed (N+1). The
-pool is every host given, as one: cluster membership is not read. ``safe_first`` orders hosts
-for ``unmerge --order plan``.
+lacks; and whether the others could take the most loaded host's VMs if it failed (N+1). VMs
+move within a pool: one per Proxmox VE cluster (the ``cluster`` of each audit, from the node's
+own ``/etc/pve/.members``), a pool of one for a Proxmox VE node in no cluster, and one pool of
+all the hosts whose membership is unknown (not Proxmox VE, or audits saved before ksm-guard
+read it). ``safe_first`` orders hosts for ``unmerge --order plan``.
 
 The model. After KSM is off and unmerged, a host uses ``MemTotal - MemAvailable + need``, need
 being the unmerge need ``(pages_sharing + ksm_zero_pages) x page size``. A VM occupies its
@@ -101,7 +103,8 @@ class HostLoad:
     max_fraction: float
     vms: tuple[VmLoad, ...] = ()
     blocked: str | None = None  # unmerge refuses the host whatever its memory (bad settings)
-    node: str | None = None  # its Proxmox VE node name, from its own hostname; None: unknown
+    node: str | None = None  # its Proxmox VE node name (membership, else hostname); None: unknown
+    node_from: str | None = None  # where ``node`` comes from: ``cluster`` or ``hostname``
 
     @property
     def node_name(self) -> str:
@@ -141,6 +144,7 @@ class Move:
     target: str
     source_node: str | None = None
     target_node: str | None = None
+    target_node_from: str | None = None  # ``cluster`` or ``hostname``; None: inventory name
 
     @property
     def size_bytes(self) -> int:
@@ -209,6 +213,38 @@ class HostCapacity:
 
 
 @dataclass(frozen=True)
+class PoolKey:
+    """Where a host's VMs can go: its Proxmox VE cluster, or itself alone (a node in none)."""
+
+    cluster: str | None
+    node: str | None = None  # a Proxmox VE node in no cluster: a pool of its own
+
+    @property
+    def label(self) -> str:
+        if self.cluster is not None:
+            return f"cluster {self.cluster}"
+        return f"node {self.node} (in no cluster)"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One pool's hosts and its own outcome: moves never leave a pool."""
+
+    key: PoolKey | None  # None: the hosts of no known Proxmox VE cluster, as one pool
+    hosts: tuple[str, ...]
+    outcome: Outcome
+    missing: int
+    moves: int
+    moved_bytes: int
+    exhaustive: bool
+    n_plus_1: NPlusOne | None
+
+    @property
+    def label(self) -> str:
+        return self.key.label if self.key else "hosts in no known cluster"
+
+
+@dataclass(frozen=True)
 class CapacityPlan:
     """The fleet's plan: every readable host, the moves, the hosts that could not be read."""
 
@@ -218,7 +254,8 @@ class CapacityPlan:
     unread: tuple[HostInput, ...] = field(default=())
     order: tuple[str, ...] = field(default=())  # every host, in the order given
     exhaustive: bool = False  # the moves were searched exhaustively: fewest bytes, or none exist
-    n_plus_1: NPlusOne | None = None
+    n_plus_1: NPlusOne | None = None  # the pool's when there is one pool, else see ``pools``
+    pools: tuple[Pool, ...] = ()  # in the order of their first host
 
     def in_order(self) -> list[HostCapacity | HostInput]:
         """Every host as given: its figures, or the input of a host that could not be read."""
@@ -685,8 +722,54 @@ def plan_capacity(
     search_steps: int = SEARCH_STEPS,
 ) -> CapacityPlan:
     """
-    Each host's figures, the moves that make every host safe with the fewest bytes moved that
-    the planner finds, and the N+1 check.
+    Each pool planned on its own (``_plan_pool``), then put together: every host's figures,
+    the moves (never across pools), the hosts that could not be read, each pool's outcome and
+    N+1 check. With one pool this is that pool's plan.
+    """
+    groups: dict[PoolKey | None, list[HostInput]] = {}
+    for host in hosts:
+        if host.audit is not None:
+            groups.setdefault(pool_key(host.audit), []).append(host)
+    if len(groups) <= 1:
+        plan = _plan_pool(hosts, min_headroom, max_fraction, search_steps)
+        return replace(plan, pools=tuple(_pool(key, plan) for key in groups))
+    plans = [
+        (key, _plan_pool(members, min_headroom, max_fraction, search_steps))
+        for key, members in groups.items()
+    ]
+    return CapacityPlan(
+        min_headroom,
+        tuple(figures for _, plan in plans for figures in plan.hosts),
+        tuple(move for _, plan in plans for move in plan.moves),
+        tuple(host for host in hosts if host.audit is None),
+        tuple(host.host for host in hosts),
+        exhaustive=all(plan.exhaustive for _, plan in plans),
+        pools=tuple(_pool(key, plan) for key, plan in plans),
+    )
+
+
+def _pool(key: PoolKey | None, plan: CapacityPlan) -> Pool:
+    return Pool(
+        key,
+        tuple(host.host for host in plan.hosts),
+        plan.outcome,
+        plan.missing,
+        len(plan.moves),
+        sum(move.size_bytes for move in plan.moves),
+        plan.exhaustive,
+        plan.n_plus_1,
+    )
+
+
+def _plan_pool(
+    hosts: Sequence[HostInput],
+    min_headroom: float = DEFAULT_MIN_HEADROOM,
+    max_fraction: float | None = None,
+    search_steps: int = SEARCH_STEPS,
+) -> CapacityPlan:
+    """
+    One pool's plan: each host's figures, the moves that make every host safe with the fewest
+    bytes moved that the planner finds, and the N+1 check.
 
     Hosts safe as they are take VMs in, up to their room; each other host (the one lacking the
     most RAM first) sends VMs off. ``_place`` picks the moves: a greedy, then an exhaustive
@@ -710,7 +793,14 @@ def plan_capacity(
 
     by_name = {load.host: load for load in loads}
     moves = tuple(
-        Move(vm, source, target, by_name[source].node, by_name[target].node)
+        Move(
+            vm,
+            source,
+            target,
+            by_name[source].node,
+            by_name[target].node,
+            by_name[target].node_from,
+        )
         for vm, source, target in placed.moves
     )
     into: dict[str, list[VmLoad]] = {load.host: [] for load in loads}
@@ -810,11 +900,45 @@ def _text(record: Mapping[str, object], key: str, where: str) -> str | None:
     return value
 
 
+def _membership(audit: Mapping[str, object]) -> tuple[str | None, str | None]:
+    """The audit's cluster and node names from ``/etc/pve/.members``; (None, None): unknown."""
+    cluster = audit.get("cluster")
+    if not isinstance(cluster, Mapping):
+        return None, None
+    name, node = cluster.get("name"), cluster.get("node")
+    return (
+        name if isinstance(name, str) and name else None,
+        node if isinstance(node, str) and node else None,
+    )
+
+
+def pool_key(audit: Mapping[str, object]) -> PoolKey | None:
+    """
+    The pool of a host: its cluster; a Proxmox VE node in no cluster is a pool of its own (``qm
+    migrate`` stays within a cluster); None when the audit does not say (membership unknown).
+    """
+    cluster, node = _membership(audit)
+    if cluster is not None:
+        return PoolKey(cluster)
+    return PoolKey(None, node) if node is not None else None
+
+
+def node_source(audit: Mapping[str, object]) -> str | None:
+    """Where ``node_name`` found the name: ``cluster``, ``hostname``, or None (no name)."""
+    if node_name(audit) is None:
+        return None
+    return "cluster" if _membership(audit)[1] is not None else "hostname"
+
+
 def node_name(audit: Mapping[str, object]) -> str | None:
     """
-    The host's Proxmox VE node name: its own hostname (``evidence.hostname``, read when the audit
-    has it) up to the first dot, as Proxmox VE names nodes. None when absent or not a name.
+    The host's Proxmox VE node name: the ``nodename`` of its ``/etc/pve/.members``
+    (``cluster.node``), else its own hostname (``evidence.hostname``, in a report's audits) up
+    to the first dot, as Proxmox VE names nodes. None when absent or not a name.
     """
+    _, node = _membership(audit)
+    if node is not None:
+        return node
     evidence = audit.get("evidence")
     hostname = evidence.get("hostname") if isinstance(evidence, Mapping) else None
     if not isinstance(hostname, str):
@@ -863,6 +987,7 @@ def host_load(
         vms=tuple(vm_load(vm, page_size, f"{where}.vms[{index}]") for index, vm in enumerate(vms)),
         blocked=blocked,
         node=node_name(audit),
+        node_from=node_source(audit),
     )
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from pyinfra.api import QuoteString, StringCommand
 
+from .model import ClusterInfo
+
 # pmxcfs serves the file (proxmox/pve-cluster 7091d92e5949 = 9.1.6, src/pmxcfs/pmxcfs.c
 # create_symlinks: ``.members``, mode 0440, root:www-data: root reads it), written by
 # src/pmxcfs/status.c cfs_create_memberlist_msg: ``nodename`` and ``version`` always; in a
@@ -57,6 +59,36 @@ def members_command(path: str = MEMBERS_PATH) -> StringCommand:
     return StringCommand(
         "if test -e", QuoteString(path), "; then cat", QuoteString(path), "; else echo absent; fi"
     )
+
+
+def cluster_command(path: str = MEMBERS_PATH) -> str:
+    """
+    The ``cluster`` section of the KsmHost fact: the file, ``?`` when it exists but this user
+    cannot read it (root:www-data 0440), ``absent`` on a host without pmxcfs running.
+    """
+    return (
+        f"if test -r {path}; then cat {path}; "
+        f"elif test -e {path}; then echo '?'; else echo absent; fi"
+    )
+
+
+CLUSTER_COMMAND = cluster_command()
+
+
+def parse_cluster(lines: list[str]) -> ClusterInfo | None:
+    """
+    The ``cluster`` section: the cluster's and the node's name; None without the file. A file
+    that cannot be read or parsed never fails the fact: its ``error`` says why.
+    """
+    if lines == ["absent"]:
+        return None
+    if lines == ["?"]:
+        return ClusterInfo(name=None, node=None, error=f"{MEMBERS_PATH}: not readable")
+    try:
+        membership = parse_members("\n".join(lines))
+    except MembershipError as error:
+        return ClusterInfo(name=None, node=None, error=f"{MEMBERS_PATH}: {error}")
+    return ClusterInfo(name=membership.cluster, node=membership.nodename, error=None)
 
 
 def _object(value: object, what: str) -> dict[str, Any]:

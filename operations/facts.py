@@ -9,6 +9,7 @@ from typing import cast, get_args
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
+from .cluster import CLUSTER_COMMAND, parse_cluster
 from .evidence import EVIDENCE_COMMAND, parse_evidence
 from .libvirt import LIBVIRT_COMMAND, link_domains, parse_libvirt
 from .model import (
@@ -60,10 +61,11 @@ class Section:
 # Sections added after the core ones, in the order they run: ``evidence`` says which host
 # answered and when (hostname, kernel, machine and boot ids, SSH host key fingerprints);
 # ``libvirt_domains``, libvirt's QEMU domains and their nosharepages opt-out, given to the
-# running VMs they belong to.
+# running VMs they belong to; ``cluster``, the Proxmox VE cluster the node is in.
 EXTENSIONS: tuple[Section, ...] = (
     Section("evidence", EVIDENCE_COMMAND, parse_evidence),
     Section("libvirt_domains", LIBVIRT_COMMAND, parse_libvirt, link_domains),
+    Section("cluster", CLUSTER_COMMAND, parse_cluster),
 )
 
 # Each section starts with a marker line, so that every output line is accounted for.
@@ -296,6 +298,9 @@ class KsmHost(FactBase[HostState]):
             "libvirt_domains": {
                 "db1": {"pid": 5120, "persistent": True, "nosharepages": True, "error": None},
             },
+            # its Proxmox VE cluster from /etc/pve/.members (None: no such file; name None: a
+            # node in no cluster), operations/cluster.py
+            "cluster": {"name": "prod", "node": "pve1", "error": None},
         }
     """
 

@@ -186,6 +186,17 @@ class LibvirtDomain(TypedDict):
     error: str | None  # what of its files could not be read; None: all read
 
 
+class ClusterInfo(TypedDict):
+    """
+    The host's Proxmox VE cluster as its own ``/etc/pve/.members`` says (operations/cluster.py):
+    the capacity plan's pool and the node name ``qm migrate`` wants.
+    """
+
+    name: str | None  # the cluster's name; None: a node in no cluster (a cluster of one)
+    node: str | None  # the node's own name; None: the file could not be read
+    error: str | None  # why the file could not be read or parsed; None: read
+
+
 # Every file of /sys/kernel/mm/ksm by name; ``run`` is always there.
 Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
@@ -215,6 +226,8 @@ class HostState(TypedDict):
     libvirt_domains: NotRequired[dict[str, LibvirtDomain] | None]
     # audit --sharing: the cross-VM sharing map's host part (operations/sharing.py apply_scan)
     sharing: NotRequired[dict[str, Any]]
+    # the Proxmox VE cluster (operations/cluster.py); None: no /etc/pve/.members on the host.
+    cluster: NotRequired[ClusterInfo | None]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from .model import (
     KSM_RUN_MERGE,
     KSM_RUN_OFFLINE,
     UNITS,
+    ClusterInfo,
     HostState,
     Ksm,
     Options,
@@ -74,6 +75,7 @@ class AuditRecord(TypedDict):
     boot_persistence: str
     qemu_server: str | None
     vms: list[Vm]
+    cluster: ClusterInfo | None  # its Proxmox VE cluster; None: no /etc/pve/.members
     sharing: NotRequired[dict[str, Any]]  # audit --sharing: pairs, tenant pairs (sharing.py)
 
 
@@ -249,6 +251,7 @@ def audit_record(
         "boot_persistence": state["persist"],
         "qemu_server": state.get("qemu_server"),
         "vms": sorted((Vm(**vm) for vm in state.get("vms") or []), key=exposure_order),
+        "cluster": state.get("cluster"),
     }
     if "sharing" in state:
         record["sharing"] = state["sharing"]

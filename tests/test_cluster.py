@@ -26,11 +26,14 @@ from ksm_guard.cli.cluster import NoConnection, host_entry
 from ksm_guard.operations.cluster import (
     MembershipError,
     Target,
+    cluster_command,
     members_command,
+    parse_cluster,
     parse_members,
     targets,
 )
-from ksm_guard.operations.facts import KSM_HOST_COMMAND
+from ksm_guard.operations.facts import KSM_HOST_COMMAND, parse_ksm_host
+from ksm_guard.operations.report import audit_record
 from tests.conftest import BIN
 from tests.localssh import LocalSshd, ssh_data
 
@@ -387,3 +390,50 @@ def test_pyinfra_debug_inventory_lists_the_members(local_sshd: LocalSshd, tmp_pa
         ("pve-a4", ["pve_cluster"], "127.0.0.9"),
     ]
     assert hosts[0]["data"]["ssh_port"] == local_sshd.port  # group data applies to every member
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in FIXTURES.glob("*.yaml")))
+def test_the_fact_reads_the_cluster_and_node_names(name: str, tmp_path: Path) -> None:
+    """The fact's ``cluster`` section, run for real on the fixture's file: both names."""
+    case = _fixture(name)
+    members = tmp_path / ".members"
+    members.write_text(case["text"])
+    lines = _section(cluster_command(str(members)))
+    membership = parse_members(case["text"])
+    assert parse_cluster(lines) == {
+        "name": case["cluster"],
+        "node": membership.nodename,
+        "error": None,
+    }
+
+
+def _section(command: str) -> list[str]:
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    return done.stdout.splitlines()
+
+
+def test_no_membership_file_is_no_cluster(tmp_path: Path) -> None:
+    """Not Proxmox VE (or pmxcfs down): ``absent``, and the audit's ``cluster`` is null."""
+    assert _section(cluster_command(str(tmp_path / ".members"))) == ["absent"]
+    assert parse_cluster(["absent"]) is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [(["?"], "not readable"), (["{"], "not JSON"), (['{"version": 1}'], "no nodename")],
+)
+def test_an_unreadable_membership_never_fails_the_fact(lines: list[str], error: str) -> None:
+    """A file that cannot be read or parsed leaves the pool unknown and says why."""
+    found = parse_cluster(lines)
+    assert found is not None and found["name"] is None and found["node"] is None
+    assert found["error"] is not None and error in found["error"]
+
+
+def test_the_cluster_is_in_the_audit_record() -> None:
+    """The fact's value reaches ``audit.cluster`` unchanged: the plan's pools come from there."""
+    captured = yaml.safe_load(
+        (ROOT / "tests/facts/facts.KsmHost/debian_vm_captured.yaml").read_text()
+    )
+    lines = [*captured["output"], "## cluster", '{"nodename": "pve-solo", "version": 1}']
+    state = parse_ksm_host(lines)
+    assert audit_record(state)["cluster"] == {"name": None, "node": "pve-solo", "error": None}

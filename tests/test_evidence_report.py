@@ -135,7 +135,7 @@ def test_json_is_the_audit_document_plus_evidence(bundle: Bundle) -> None:
     expected = json.loads(audit.stdout)
     document = bundle.json()
     assert document["schema_version"] == 1
-    assert set(document) == set(expected) | {"report"}
+    assert set(document) == set(expected) | {"report", "capacity"}
     assert document["exit_code"] == expected["exit_code"] == bundle.exit_code
     assert [h["host"] for h in document["hosts"]] == [h["host"] for h in expected["hosts"]]
     for mine, theirs in zip(document["hosts"], expected["hosts"], strict=True):
@@ -144,6 +144,14 @@ def test_json_is_the_audit_document_plus_evidence(bundle: Bundle) -> None:
         if mine["audit"] is not None:
             assert set(mine["audit"]) == set(theirs["audit"])
             assert mine["verdict"] == mine["audit"]["verdict"]
+
+
+def test_the_capacity_plan_is_plans_on_the_same_reads(bundle: Bundle) -> None:
+    """report.json's ``capacity`` is what ``plan --from report.json -o json`` says of it."""
+    planned = runner.invoke(app, ["plan", "--from", str(bundle.out / "report.json"), "-o", "json"])
+    assert planned.exit_code in (0, 1, 3), planned.stderr
+    assert bundle.json()["capacity"] == json.loads(planned.stdout)
+    assert [h["host"] for h in bundle.json()["capacity"]["hosts"]] == list(bundle.hosts())
 
 
 def test_json_evidence_is_this_machines(bundle: Bundle) -> None:
@@ -368,7 +376,7 @@ def test_chromium_renders_the_page_with_hosts_and_verdicts(bundle: Bundle, brows
     parser = _Headings()
     parser.feed(done.stdout)
     expected = [f"{name} {host['verdict']}" for name, host in bundle.hosts().items()]
-    assert parser.headings == ["Fleet summary", *expected]
+    assert parser.headings == ["Fleet summary", "Capacity plan", *expected]
     for control in CONTROL_IDS:
         assert control in done.stdout
 
@@ -551,3 +559,23 @@ def test_the_files_of_a_bundle_and_their_sums() -> None:
     sums = sha256sums(contents).decode().splitlines()
     assert sums[0] == f"{hashlib.sha256(contents['raw/pve1.txt']).hexdigest()}  raw/pve1.txt"
     assert [line.split("  ")[1] for line in sums] == sorted(contents)
+
+
+def test_the_page_shows_the_plans_moves_and_qm_lines() -> None:
+    """A fleet needing a move: the page's capacity section lists it with its qm migrate line."""
+    from ksm_guard.cli.engine import HostResult, RunResult
+    from ksm_guard.cli.evidence import Meta, Report
+    from ksm_guard.cli.html import page
+    from ksm_guard.operations.capacity import hosts_from_document, plan_capacity
+    from ksm_guard.operations.model import Mode, Status
+    from tests.test_capacity import load_case
+
+    document, _, _ = load_case(Path(__file__).parent / "capacity" / "pools_per_cluster.yaml")
+    results = [HostResult(h["host"], Status.OK) for h in document["hosts"]]  # the plan is apart
+    capacity = plan_capacity(hosts_from_document(document))
+    html = page(Report(Meta.now("@local"), RunResult(Mode.AUDIT, False, results), [], capacity))
+    section = html[html.index('<section id="capacity">') :].split("</section>")[0]
+    assert "<code>on pve-a1: qm migrate 101 pve-a2 --online</code>" in section
+    assert "VM 101 (web): pve-a1 → 10.0.1.2, 10.0 GiB" in section
+    assert "cluster west (pve-b1, pve-b2): cannot be made safe, 8.4 GiB of RAM missing" in section
+    assert "fleet of 4 pools: 7 host(s)" in section
