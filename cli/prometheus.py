@@ -9,7 +9,6 @@ this output back with prometheus_client, metric by metric.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from contextlib import suppress
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ksm_guard.operations.model import Vm
 from ksm_guard.operations.report import ACTIVE_STATES
-from ksm_guard.operations.watch import METRICS, TEXTFILE_NAME, escape_label
+from ksm_guard.operations.watch import METRICS, TEXTFILE_NAME, escape_label, host_label
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
@@ -25,11 +24,6 @@ if TYPE_CHECKING:
 
 def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{key}="{escape_label(value)}"' for key, value in labels.items()) + "}"
-
-
-def host_label(name: str) -> str:
-    """The ``host`` label: the inventory name, or this machine's hostname for ``@local``."""
-    return socket.gethostname() if name == "@local" else name
 
 
 def vm_label(vm: Vm) -> str:

@@ -21,6 +21,7 @@ from .model import (
     Waiver,
     utc_today,
 )
+from .watch import WatchRecord, watch_record
 
 ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime")
 ACTIVE_STATES = ("active", "activating", "reloading")
@@ -74,6 +75,7 @@ class AuditRecord(TypedDict):
     boot_persistence: str
     qemu_server: str | None
     vms: list[Vm]
+    watch: WatchRecord | None  # the drift watch; None: the read had no watch section
 
 
 def human_bytes(count: int) -> str:
@@ -248,6 +250,7 @@ def audit_record(
         "boot_persistence": state["persist"],
         "qemu_server": state.get("qemu_server"),
         "vms": sorted((Vm(**vm) for vm in state.get("vms") or []), key=exposure_order),
+        "watch": watch_record(state.get("watch")),
     }
 
 
@@ -261,8 +264,10 @@ def audit_line(record: AuditRecord) -> str:
     if record["verdict"] == Verdict.UNSUPPORTED:
         return "unsupported: the kernel has no KSM"
     units = ", ".join(f"{name} {record_unit_state(u)}" for name, u in record["units"].items())
+    watch = record.get("watch")
+    finding = f"; {watch['finding']}" if watch and watch["finding"] else ""
     return (
         f"{record['verdict']}: run={record['run']}, pages_shared={record['pages_shared']}, "
         f"pages_sharing={record['pages_sharing']}, saved {human_bytes(record['saved_bytes'])}; "
-        f"{units if record['systemd'] else 'no systemd'}"
+        f"{units if record['systemd'] else 'no systemd'}{finding}"
     )

@@ -12,6 +12,9 @@ from typing import TypedDict
 
 from pyinfra.api.exceptions import FactProcessError
 
+from .model import WatchState, host_label
+
+__all__ = ["host_label"]
 from .vms import parse_error, parse_int
 
 SCRIPT_PATH = "/usr/local/sbin/ksm-guard-watch"
@@ -81,17 +84,6 @@ class WatchConfig:
     def describe(self) -> str:
         heal = "heals drift" if self.heal else "reports only"
         return f"every {self.interval} s, {heal}, metrics in {self.textfile_dir}/ksm_guard.prom"
-
-
-class WatchState(TypedDict):
-    """The ``watch`` fact section: the watch's files and what its last run recorded."""
-
-    now: int  # the host's clock, seconds since the epoch
-    files: dict[str, str]  # path → SHA-256 of each watch file present
-    last_run: int | None  # seconds since the epoch; None: never ran
-    heals: int
-    interval: int | None
-    textfile: str | None  # the metrics file its last run wrote
 
 
 # ``now=``, then ``sha256=<hash>  <path>`` for each file present, then the state file's lines.
