@@ -116,20 +116,25 @@ def _judge_function() -> str:
 
 
 def _heal_function(paths: Paths) -> str:
-    """``heal``: undo what the healable rules found (run=0, never 2; units stopped, disabled)."""
+    """
+    ``heal``: undo what the healable rules found: the units stopped and disabled first (a
+    running ksmtuned would write run=1 again), then run=0 (never 2: an unmerge needs its
+    preflight).
+    """
+    conditions = [rule.condition for rule in HOST_RULES.values()]
     lines = ["heal() {"]
-    for rule in HOST_RULES.values():
-        condition = rule.condition
-        if isinstance(condition, KsmBits):
-            lines.append(
-                f'  if {condition.shell()}; then echo 0 > "{paths.ksm_dir}/{condition.name}"; fi'
-            )
-        elif isinstance(condition, UnitOn):
+    for condition in conditions:
+        if isinstance(condition, UnitOn):
             for unit in condition.units:
                 enabled = UnitOn((unit,), condition.unit_files, ())
                 active = UnitOn((unit,), (), condition.active)
                 lines.append(f"  if {enabled.unit_shell(unit)}; then systemctl disable {unit}; fi")
                 lines.append(f"  if {active.unit_shell(unit)}; then systemctl stop {unit}; fi")
+    for condition in conditions:
+        if isinstance(condition, KsmBits):
+            lines.append(
+                f'  if {condition.shell()}; then echo 0 > "{paths.ksm_dir}/{condition.name}"; fi'
+            )
     lines.append("}")
     return "\n".join(lines) + "\n"
 
