@@ -117,8 +117,9 @@ def _judge_function() -> str:
 
 def _heal_function(paths: Paths) -> str:
     """
-    ``heal``: undo what the healable rules found: the units stopped and disabled first (a
-    running ksmtuned would write run=1 again), then run=0 (never 2: an unmerge needs its
+    ``heal``: undo what the healable rules found: the units stopped and disabled first, then
+    ``run`` read again (a ksmtuned running until then may have written 1 since the first read;
+    seen on the test VMs) and 0 written when it merges (never 2: an unmerge needs its
     preflight).
     """
     conditions = [rule.condition for rule in HOST_RULES.values()]
@@ -130,6 +131,7 @@ def _heal_function(paths: Paths) -> str:
                 active = UnitOn((unit,), (), condition.active)
                 lines.append(f"  if {enabled.unit_shell(unit)}; then systemctl disable {unit}; fi")
                 lines.append(f"  if {active.unit_shell(unit)}; then systemctl stop {unit}; fi")
+    lines.append("  read_host")
     for condition in conditions:
         if isinstance(condition, KsmBits):
             lines.append(

@@ -42,6 +42,8 @@ case $verb in
   show) cat "$here/show.txt" ;;
   disable | stop)
     echo "$verb $*" >> "$here/calls.log"
+    # A ksmtuned writing run=1 as it is stopped (FAKE_RUN_ON_STOP), after the watch's read.
+    if [ "$verb" = stop ] && [ -n "${FAKE_RUN_ON_STOP:-}" ]; then echo 1 > "$here/../ksm/run"; fi
     if [ "$verb" = disable ]; then key=UnitFileState value=disabled
     else key=ActiveState value=inactive; fi
     awk -v unit="$1" -v key="$key" -v value="$value" -F= '
@@ -115,8 +117,8 @@ class Host:
             (self.bin / name).write_text(text)
             (self.bin / name).chmod(0o755)
 
-    def run(self) -> None:
-        env = {**os.environ, "PATH": f"{self.bin}:/usr/bin:/bin"}
+    def run(self, **extra_env: str) -> None:
+        env = {**os.environ, **extra_env, "PATH": f"{self.bin}:/usr/bin:/bin"}
         done = subprocess.run(
             ["/bin/sh", str(self.script)], env=env, capture_output=True, text=True, timeout=30
         )
@@ -254,6 +256,16 @@ def test_the_heal_count_survives_runs(drifted: Host) -> None:
     (Path(drifted.paths.ksm_dir) / "run").write_text("1\n")
     drifted.run()
     assert drifted.samples()[("ksm_guard_watch_heals_total", on)] == 2
+
+
+def test_heal_reads_run_again_after_stopping_the_units(tmp_path: Path) -> None:
+    """run read 0, ksmtuned writes 1 as it is stopped: the heal still leaves run=0."""
+    state = yaml.safe_load((FACTS / "debian12_ksmtuned_running.yaml").read_text())["fact"]
+    state["ksm"]["run"] = 0
+    host = Host(tmp_path, state, WatchConfig("pve1", heal=True))
+    host.run(FAKE_RUN_ON_STOP="1")
+    assert (Path(host.paths.ksm_dir) / "run").read_text().strip() == "0"
+    assert "after run=0 " in host.read("journal.log")
 
 
 def test_the_metrics_file_is_replaced_atomically(drifted: Host) -> None:

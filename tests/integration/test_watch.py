@@ -78,8 +78,12 @@ class Stand:
 
     def drift(self) -> None:
         """What a package upgrade could do: ksmtuned enabled and started, run=1."""
+        self.guest.ssh("systemctl enable --now ksmtuned.service 2>/dev/null")
+        # ksmtuned may write run=0 as it starts: wait until run has read 1 across one of its
+        # 2 s adjustments, writing 1 as an admin would meanwhile.
         self.guest.ssh(
-            "systemctl enable --now ksmtuned.service 2>/dev/null; echo 1 > /sys/kernel/mm/ksm/run"
+            "f=/sys/kernel/mm/ksm/run; for i in $(seq 1 40); do echo 1 > $f; sleep 2.5;"
+            ' [ "$(cat $f)" = 1 ] && exit 0; done; exit 1'
         )
 
 
