@@ -91,7 +91,8 @@ WATCH_COMMAND = "; ".join(
     (
         'echo "now=$(date +%s)"',
         f'for f in {" ".join(FILES)}; do ! test -e "$f" || echo "sha256=$(sha256sum "$f")"; done',
-        f"! test -e {STATE_PATH} || sed 's/^/state./' {STATE_PATH}",
+        # Readable by all (the script writes it 0644): a non-root audit reads it too.
+        f"! test -r {STATE_PATH} || sed 's/^/state./' {STATE_PATH}",
     )
 )
 

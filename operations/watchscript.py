@@ -265,7 +265,8 @@ if ! {{ metrics > "$tmp" && chmod 644 "$tmp" && mv -f "$tmp" {_q(textfile)}; }};
 fi
 state_tmp=$(mktemp "$state_file.XXXXXX") || exit 1
 printf 'last_run=%s\\nheals=%s\\ninterval=%s\\ntextfile=%s\\n' \\
-  "$now" "$heals" "$interval" {_q(textfile)} > "$state_tmp" && mv -f "$state_tmp" "$state_file"
+  "$now" "$heals" "$interval" {_q(textfile)} > "$state_tmp" &&
+  chmod 644 "$state_tmp" && mv -f "$state_tmp" "$state_file"
 """
 
 

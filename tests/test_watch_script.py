@@ -274,6 +274,11 @@ def test_the_metrics_file_is_replaced_atomically(drifted: Host) -> None:
     assert oct(drifted.textfile.stat().st_mode & 0o777) == "0o644"
 
 
+def test_the_state_file_is_readable_by_all(drifted: Host) -> None:
+    """0644: a non-root audit reads the watch's last run too."""
+    assert oct(Path(drifted.paths.state).stat().st_mode & 0o777) == "0o644"
+
+
 @pytest.mark.parametrize("heal", [False, True])
 def test_the_installed_script_is_shellcheck_clean(tmp_path: Path, heal: bool) -> None:
     """Debian's shellcheck, as POSIX sh, finds nothing in the script as installed."""
