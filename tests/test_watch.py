@@ -120,3 +120,21 @@ def test_watch_settings_from_host_data() -> None:
         options.watch_textfile_dir,
         options.watch_host,
     ) == (True, True, 60, "/srv/textfile", "pve1.example.net")
+
+
+def test_the_audit_table_notes_a_stale_watch() -> None:
+    """``audit`` (table) adds a note line naming the host and the finding."""
+    from ksm_guard.cli.engine import HostResult, RunResult
+    from ksm_guard.cli.render import table
+    from ksm_guard.operations.model import Mode, Status
+
+    state = cast(
+        HostState, yaml.safe_load((FACTS / "watch_installed_stale.yaml").read_text())["fact"]
+    )
+    result = RunResult(
+        Mode.AUDIT, False, [HostResult("pve1", Status.OK, audit=audit_record(state))]
+    )
+    assert (
+        "pve1: the drift watch is stale: last run 1200 s ago, every 300 s"
+        in table(result).splitlines()
+    )
