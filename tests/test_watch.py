@@ -138,3 +138,23 @@ def test_the_audit_table_notes_a_stale_watch() -> None:
         "pve1: the drift watch is stale: last run 1200 s ago, every 300 s"
         in table(result).splitlines()
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "data"),
+    [
+        ({"watch": True}, {"ksm_watch": True}),
+        ({"heal": True}, {"ksm_watch": True, "ksm_watch_heal": True}),
+        ({"watch": True, "watch_interval": 60}, {"ksm_watch": True, "ksm_watch_interval": 60}),
+        ({}, {}),
+    ],
+)
+def test_the_cli_options_set_the_host_data(
+    options: dict[str, object], data: dict[str, object]
+) -> None:
+    """--watch, --heal (implies --watch) and --watch-interval set the keys deploy.py reads."""
+    from ksm_guard.cli.engine import Request
+    from ksm_guard.operations.model import Mode
+
+    request = Request(mode=Mode.DISABLE, **options)  # type: ignore[arg-type]
+    assert request.override_data() == {"ksm_mode": "disable", **data}
