@@ -11,12 +11,19 @@ reports the watch → every Grafana query runs → enable removes it (the missin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.test_scenarios import ksm_guard
-from tests.promserver import Prometheus, dashboard_queries, prometheus, short_rules
+from tests.promserver import (
+    PROMETHEUS,
+    Prometheus,
+    dashboard_queries,
+    prometheus,
+    short_rules,
+)
 from tests.results import hosts_of
 from tests.vm.guest import Guest
 from tests.vm.inventory import write_inventory
@@ -90,6 +97,8 @@ class Stand:
 @pytest.fixture(scope="module")
 def stand(vm_session: VmSession, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
     """A pve guest (ksmtuned on, run=1) and a Prometheus scraping its node_exporter."""
+    if not Path(PROMETHEUS).exists():
+        pytest.fail("prometheus is missing: scripts/bootstrap.sh --test installs it")
     work = tmp_path_factory.mktemp("watch")
     guest = vm_session.start("pve", name="pve-watch")
     try:
