@@ -248,3 +248,22 @@ def test_without_the_watch_the_missing_alert_fires(stand: Stand) -> None:
         every=1,
     )
     assert stand.value(_sample(stand, "ksm_guard_up")) is None
+
+
+def test_admin_with_sudo_installs_and_removes_the_watch(stand: Stand, tmp_path: Path) -> None:
+    """As admin with --sudo: disable --watch installs it (root's files), enable removes it."""
+    inventory = str(
+        write_inventory(tmp_path / "admin.py", [stand.guest.pyinfra_host("admin", sudo=False)])
+    )
+    name = f"{stand.guest.name}-admin"
+    installed = hosts_of(
+        ksm_guard("disable", "--watch", "--sudo", "--yes", "-i", inventory, "-o", "json")
+    )
+    assert installed[name]["status"] == "changed"
+    owner = stand.guest.ssh("stat -c %U /usr/local/sbin/ksm-guard-watch").stdout.strip()
+    assert owner == "root"
+    label = stand.guest.ssh(f"grep -c 'host=\"{name}\"' {PROM_FILE}").stdout.strip()
+    assert int(label) > 0
+    removed = hosts_of(ksm_guard("enable", "--sudo", "--yes", "-i", inventory, "-o", "json"))
+    assert "drift watch: installed → absent" in removed[name]["changes"]
+    assert stand.guest.ssh("test -e /usr/local/sbin/ksm-guard-watch", check=False).returncode == 1
