@@ -39,7 +39,7 @@ test-vm: $(STAMP) test-deps
 	$(PYTEST) tests/integration -n $(VM_WORKERS) --dist loadgroup
 
 ## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs,
-## Chromium to render the report page)
+## Chromium to render the report page, promtool and Prometheus for the alert rules, shellcheck)
 test-deps:
 	scripts/bootstrap.sh --test
 

@@ -133,6 +133,31 @@ IgnoreWaiversOpt = Annotated[
     bool,
     typer.Option("--ignore-waivers", help="Change hosts under a waiver too (ksm_waiver)."),
 ]
+WatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--watch",
+        help="Also install the drift watch: a systemd timer writing the host's KSM metrics for "
+        "node_exporter (ksm_watch).",
+    ),
+]
+HealOpt = Annotated[
+    bool,
+    typer.Option(
+        "--heal",
+        help="The drift watch (implies --watch) switches KSM back off when it finds it on: "
+        "run=0, units stopped and disabled (ksm_watch_heal).",
+    ),
+]
+WatchIntervalOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--watch-interval",
+        min=10,
+        max=86400,
+        help="Seconds between drift watch runs (ksm_watch_interval; default 300).",
+    ),
+]
 VmsOpt = Annotated[
     bool, typer.Option("--vms", help="Also list each running VM's merged memory and allow-ksm.")
 ]
@@ -309,6 +334,9 @@ def disable(
     verbose: VerboseOpt = False,
     policy: PolicyOpt = None,
     ignore_waivers: IgnoreWaiversOpt = False,
+    watch: WatchOpt = False,
+    heal: HealOpt = False,
+    watch_interval: WatchIntervalOpt = None,
 ) -> None:
     """Stop and disable ksmtuned and ksm.service, write run=0, keep it off at boot."""
     _execute(
@@ -317,6 +345,7 @@ def disable(
         continue_on_error=continue_on_error,
         mask=mask, sudo=sudo, connect_timeout=connect_timeout,
         policy=policy, ignore_waivers=ignore_waivers,
+        watch=watch, heal=heal, watch_interval=watch_interval,
     )  # fmt: skip
 
 
@@ -353,6 +382,9 @@ def unmerge(
     verbose: VerboseOpt = False,
     policy: PolicyOpt = None,
     ignore_waivers: IgnoreWaiversOpt = False,
+    watch: WatchOpt = False,
+    heal: HealOpt = False,
+    watch_interval: WatchIntervalOpt = None,
 ) -> None:
     """
     Everything disable does, then unmerge the merged pages (run=2) after a memory check,
@@ -365,6 +397,7 @@ def unmerge(
         mask=mask, force=force, max_fraction=max_fraction, sudo=sudo,
         connect_timeout=connect_timeout,
         policy=policy, ignore_waivers=ignore_waivers,
+        watch=watch, heal=heal, watch_interval=watch_interval,
     )  # fmt: skip
 
 
@@ -385,7 +418,10 @@ def enable(
     policy: PolicyOpt = None,
     ignore_waivers: IgnoreWaiversOpt = False,
 ) -> None:
-    """Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence."""
+    """
+    Roll back: unmask, enable and start ksmtuned where installed; drop the boot persistence
+    and the drift watch.
+    """
     _execute(
         "enable", output, yes, verbose, inventory=inventory, limit=limit or [],
         dry_run=dry_run, parallel=parallel, batch=_batch(serial, batch),

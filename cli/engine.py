@@ -66,6 +66,9 @@ class Request:
     vmids: list[int] = field(default_factory=list)
     policy: str | None = None  # host or strict; None: each host's ksm_policy (default host)
     ignore_waivers: bool = False
+    watch: bool = False  # install the drift watch (disable, unmerge)
+    heal: bool = False  # the watch heals drift
+    watch_interval: int | None = None  # seconds; None: each host's ksm_watch_interval (300)
     order: str = ORDER_INVENTORY  # ORDER_PLAN: hosts the capacity plan calls safe first
     sharing: bool = False  # audit: also the cross-VM sharing map (one more command per host)
 
@@ -91,6 +94,12 @@ class Request:
             data["ksm_policy"] = self.policy
         if self.ignore_waivers:
             data["ksm_ignore_waivers"] = True
+        if self.watch or self.heal:
+            data["ksm_watch"] = True
+        if self.heal:
+            data["ksm_watch_heal"] = True
+        if self.watch_interval is not None:
+            data["ksm_watch_interval"] = self.watch_interval
         return data
 
 
@@ -364,7 +373,7 @@ def plan_host(host: Host, reading: Reading) -> HostPlan | None:
     from ksm_guard.operations.plan import plan, refused
 
     try:
-        mode, options = settings_from_data(host.data)
+        mode, options = settings_from_data(host.data, host.name)
     except SettingsError as error:
         raw = str(host.data.get("ksm_mode"))
         mode = Mode(raw) if raw in {known.value for known in Mode} else Mode.AUDIT

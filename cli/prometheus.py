@@ -9,7 +9,6 @@ this output back with prometheus_client, metric by metric.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from contextlib import suppress
 from pathlib import Path
@@ -17,58 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from ksm_guard.operations.model import Vm
 from ksm_guard.operations.report import ACTIVE_STATES, AuditRecord
+from ksm_guard.operations.watch import METRICS, TEXTFILE_NAME, escape_label, host_label
 
 if TYPE_CHECKING:
     from .engine import HostResult, RunResult
 
-TEXTFILE_NAME = "ksm_guard.prom"
-
-# name: (help, metric type)
-_METRICS = {
-    "ksm_guard_up": ("1 when ksm-guard could read the host's KSM state, else 0.", "gauge"),
-    "ksm_guard_run": ("/sys/kernel/mm/ksm/run: 0 stopped, 1 merging, 2 unmerged.", "gauge"),
-    "ksm_guard_pages_sharing": ("KSM pages_sharing: extra mappings of merged pages.", "gauge"),
-    "ksm_guard_saved_bytes": ("Bytes KSM saves (pages_sharing + ksm_zero_pages).", "gauge"),
-    "ksm_guard_compliant": ("1 when the verdict is compliant or unsupported, else 0.", "gauge"),
-    "ksm_guard_unit_active": ("1 when the KSM unit is active (running), else 0.", "gauge"),
-    "ksm_guard_control_passed": (
-        "1 when the control (KSM-1...) passes, 0 when it fails; absent when it does not apply.",
-        "gauge",
-    ),
-    "ksm_guard_waived": ("1 while a waiver keeps this exposed host compliant, else 0.", "gauge"),
-    "ksm_guard_vm_merged_bytes": ("Bytes of a running VM's memory merged by KSM.", "gauge"),
-    "ksm_guard_vm_restart_pending": (
-        "1 when a VM's allow-ksm differs from how its QEMU runs until a stop/start.",
-        "gauge",
-    ),
-    # audit --sharing only
-    "ksm_guard_vm_pair_shared_bytes": (
-        "Bytes of distinct physical KSM pages two running VMs both map (audit --sharing).",
-        "gauge",
-    ),
-    "ksm_guard_vm_merged_within_bytes": (
-        "Bytes of distinct KSM pages only this VM maps (audit --sharing).",
-        "gauge",
-    ),
-    "ksm_guard_vm_shared_with_other_bytes": (
-        "Bytes of distinct KSM pages this VM maps that a process other than a VM maps too "
-        "(audit --sharing).",
-        "gauge",
-    ),
-}
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
 
 def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
-
-
-def host_label(name: str) -> str:
-    """The ``host`` label: the inventory name, or this machine's hostname for ``@local``."""
-    return socket.gethostname() if name == "@local" else name
+    return "{" + ",".join(f'{key}="{escape_label(value)}"' for key, value in labels.items()) + "}"
 
 
 def vm_label(vm: Vm | dict[str, Any]) -> str:
@@ -133,7 +88,7 @@ def render(result: RunResult) -> str:
     """The exposition text: each metric's HELP and TYPE once, then its samples for every host."""
     samples = [sample for host in result.hosts for sample in _samples(host)]
     lines = []
-    for name, (text, kind) in _METRICS.items():
+    for name, (text, kind) in METRICS.items():
         mine = [(labels, value) for metric, labels, value in samples if metric == name]
         if not mine:
             continue

@@ -151,6 +151,9 @@ def _notes(result: RunResult) -> list[str]:
             waiver = host.audit["waiver"] if host.audit else None
             if waiver is not None:
                 notes.append(f"{host.host}: {_waiver_note(waiver, host.audit)}")
+            watch = host.audit.get("watch") if host.audit else None
+            if watch and watch["finding"]:
+                notes.append(f"{host.host}: {watch['finding']}")
             continue
         notes.append(f"{host.host}: {_LABELS.get(host.status, host.status.value)}")
         notes.extend(f"  {change}" for change in host.changes)

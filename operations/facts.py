@@ -25,6 +25,7 @@ from .model import (
     Unit,
 )
 from .vms import VMS_COMMAND, parse_error, parse_int, parse_qemu_server, parse_vms
+from .watch import WATCH_COMMAND, parse_watch
 
 __all__ = ["KSM_DIR", "KSM_HOST_COMMAND", "PERSIST_PATH", "RUN_PATH", "UNITS", "KsmHost"]
 
@@ -66,7 +67,33 @@ EXTENSIONS: tuple[Section, ...] = (
     Section("evidence", EVIDENCE_COMMAND, parse_evidence),
     Section("libvirt_domains", LIBVIRT_COMMAND, parse_libvirt, link_domains),
     Section("cluster", CLUSTER_COMMAND, parse_cluster),
+    Section("watch", WATCH_COMMAND, parse_watch),
 )
+
+SYSTEMD_DIR = "/run/systemd/system"
+
+
+def ksm_read(ksm_dir: str = KSM_DIR) -> str:
+    """Every KSM sysfs file as ``<dir>/<name>:<value>``, or ``absent``: the ``ksm`` section."""
+    return f"if test -d {ksm_dir}; then grep -H . {ksm_dir}/*; else echo absent; fi"
+
+
+def units_read(systemd_dir: str = SYSTEMD_DIR) -> str:
+    """``systemctl show`` of the KSM units, or ``no-systemd``: the ``units`` section."""
+    return (
+        f"if test -d {systemd_dir}; then systemctl show"
+        " --property=Id,LoadState,ActiveState,UnitFileState " + " ".join(UNITS) + "; "
+        "else echo no-systemd; fi"
+    )
+
+
+def persist_read(path: str = PERSIST_PATH) -> str:
+    """``present``, ``modified`` or ``absent``: the ``persist`` section."""
+    return (
+        f"if grep -qsxF '{PERSIST_LINE}' {path}; then echo present; "
+        f"elif test -e {path}; then echo modified; else echo absent; fi"
+    )
+
 
 # Each section starts with a marker line, so that every output line is accounted for.
 CORE_COMMAND = "; ".join(
@@ -80,14 +107,11 @@ CORE_COMMAND = "; ".join(
         "echo '## meminfo'",
         "grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
         "echo '## ksm'",
-        f"if test -d {KSM_DIR}; then grep -H . {KSM_DIR}/*; else echo absent; fi",
+        ksm_read(),
         "echo '## units'",
-        "if test -d /run/systemd/system; then systemctl show"
-        " --property=Id,LoadState,ActiveState,UnitFileState " + " ".join(UNITS) + "; "
-        "else echo no-systemd; fi",
+        units_read(),
         "echo '## persist'",
-        f"if grep -qsxF '{PERSIST_LINE}' {PERSIST_PATH}; then echo present; "
-        f"elif test -e {PERSIST_PATH}; then echo modified; else echo absent; fi",
+        persist_read(),
         VMS_COMMAND,
     )
 )

@@ -14,6 +14,8 @@ from . import plan as planner
 from .facts import KsmHost
 from .model import DEFAULT_MAX_FRACTION, HostState, Mode, Options, Policy
 from .report import audit_line, audit_record
+from .watch import DEFAULT_INTERVAL, DEFAULT_TEXTFILE_DIR, WatchConfig
+from .watch import host_label as watch_host
 
 _STATE_KEYS = tuple(HostState.__required_keys__ | HostState.__optional_keys__)
 
@@ -181,6 +183,35 @@ def services_enabled() -> Generator[Any, None, None]:
     state = host_state()
     if state is not None:
         yield from apply(planner.units_on(state))
+
+
+@operation()
+def watch_installed(
+    present: bool | None = True,
+    host_label: str = "",
+    interval: int = DEFAULT_INTERVAL,
+    heal: bool = False,
+    textfile_dir: str = DEFAULT_TEXTFILE_DIR,
+) -> Generator[Any, None, None]:
+    """
+    Install the drift watch (``ksm-guard-watch.service`` and ``.timer`` and their POSIX sh
+    script, which writes the host's KSM metrics for node_exporter), or remove it.
+
+    + present: install (True), remove (False), or leave it as it is (None)
+    + host_label: the ``host`` label of its metrics (default: the inventory name)
+    + interval: seconds between runs (also one at boot)
+    + heal: on drift write run=0 and stop and disable the KSM units, counting each heal
+    + textfile_dir: node_exporter's textfile directory (created when missing)
+
+    .. code:: python
+
+        ksm.watch_installed(name="Install the drift watch", present=True, heal=True)
+    """
+    state = host_state()
+    if state is not None:
+        label = host_label or watch_host(host.name)
+        config = WatchConfig(label, interval, heal, textfile_dir)
+        yield from apply(planner.watch_installed(state, present, config))
 
 
 @operation()

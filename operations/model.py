@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -202,6 +203,17 @@ Ksm = dict[str, int | str]
 Persist = Literal["present", "absent", "modified"]
 
 
+class WatchState(TypedDict):
+    """The ``watch`` fact section: the watch's files and what its last run recorded."""
+
+    now: int  # the host's clock, seconds since the epoch
+    files: dict[str, str]  # path → SHA-256 of each watch file present
+    last_run: int | None  # seconds since the epoch; None: never ran
+    heals: int
+    interval: int | None
+    textfile: str | None  # the metrics file its last run wrote
+
+
 class HostState(TypedDict):
     """
     The ``KsmHost`` fact: a host's whole KSM picture from one remote command.
@@ -228,6 +240,7 @@ class HostState(TypedDict):
     sharing: NotRequired[dict[str, Any]]
     # the Proxmox VE cluster (operations/cluster.py); None: no /etc/pve/.members on the host.
     cluster: NotRequired[ClusterInfo | None]
+    watch: NotRequired[WatchState]  # the drift watch's files and last run (operations/watch.py)
 
 
 @dataclass(frozen=True)
@@ -257,6 +270,12 @@ class Options:
     policy: Policy = Policy.HOST
     waiver: Waiver | None = None
     ignore_waivers: bool = False  # change waived hosts too
+    # The drift watch (operations/watch.py): installed by disable and unmerge when asked for.
+    watch: bool = False
+    watch_interval: int = 300  # seconds between runs
+    watch_heal: bool = False  # on drift: run=0, units stopped and disabled
+    watch_textfile_dir: str = "/var/lib/prometheus/node-exporter"
+    watch_host: str = ""  # the ``host`` label, fixed at install (the inventory name)
 
 
 class SettingsError(ValueError):
@@ -302,8 +321,14 @@ class HostData(Protocol):
     def get(self, key: str, default: Any = None) -> Any: ...
 
 
-def settings_from_data(data: HostData) -> tuple[Mode, Options]:
-    """The mode (``ksm_mode``, default audit) and options a host's data asks for."""
+def host_label(name: str) -> str:
+    """The ``host`` label: the inventory name, or this machine's hostname for ``@local``."""
+    return socket.gethostname() if name == "@local" else name
+
+
+def settings_from_data(data: HostData, name: str = "") -> tuple[Mode, Options]:
+    """The mode (``ksm_mode``, default audit) and options a host's data asks for; ``name``,
+    the inventory name, gives the drift watch's ``host`` label."""
     raw = str(data.get("ksm_mode", Mode.AUDIT.value))
     try:
         mode = Mode(raw)
@@ -318,8 +343,39 @@ def settings_from_data(data: HostData) -> tuple[Mode, Options]:
         policy=_policy(data.get("ksm_policy", Policy.HOST.value)),
         waiver=_waiver(data.get("ksm_waiver")),
         ignore_waivers=_flag("ksm_ignore_waivers", data.get("ksm_ignore_waivers", False)),
+        watch=_flag("ksm_watch", data.get("ksm_watch", False)),
+        watch_interval=_interval(data.get("ksm_watch_interval", 300)),
+        watch_heal=_flag("ksm_watch_heal", data.get("ksm_watch_heal", False)),
+        watch_textfile_dir=_directory(
+            data.get("ksm_watch_textfile_dir", "/var/lib/prometheus/node-exporter")
+        ),
+        watch_host=host_label(name) if name else "",
     )
     return mode, options
+
+
+def _interval(value: object) -> int:
+    """Seconds between watch runs: a whole number from 10 to one day."""
+    try:
+        seconds = int(str(value).strip())
+    except ValueError:
+        seconds = 0
+    if not 10 <= seconds <= 86400:
+        raise SettingsError(
+            f"ksm_watch_interval must be whole seconds from 10 to 86400, not {value!r}"
+        )
+    return seconds
+
+
+def _directory(value: object) -> str:
+    """An absolute directory path without whitespace or shell-special quoting trouble."""
+    text = str(value)
+    if not text.startswith("/") or any(c.isspace() or c in "'\"$`\\%" for c in text):
+        raise SettingsError(
+            f"ksm_watch_textfile_dir must be an absolute path without spaces or quotes, "
+            f"not {value!r}"
+        )
+    return text.rstrip("/") or "/"
 
 
 def _policy(value: object) -> Policy:

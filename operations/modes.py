@@ -63,6 +63,22 @@ _DISABLE = (
     Call("Keep KSM off at boot", ksm.boot_persisted, lambda o: {"present": True}),
 )
 
+
+def _watch(present: bool | None) -> Callable[[Options], dict[str, Any]]:
+    def arguments(o: Options) -> dict[str, Any]:
+        return {
+            "present": present if present is not None else (True if o.watch else None),
+            "host_label": o.watch_host,
+            "interval": o.watch_interval,
+            "heal": o.watch_heal,
+            "textfile_dir": o.watch_textfile_dir,
+        }
+
+    return arguments
+
+
+_WATCH = Call("Install the drift watch", ksm.watch_installed, _watch(None))
+
 # Each mode's operations, in the order they run: the one place a mode is defined.
 OPERATIONS: dict[Mode, tuple[Call, ...]] = {
     Mode.AUDIT: (
@@ -72,7 +88,7 @@ OPERATIONS: dict[Mode, tuple[Call, ...]] = {
             lambda o: {"max_fraction": o.max_fraction, "policy": o.policy.value},
         ),
     ),
-    Mode.DISABLE: (_preflight(Mode.DISABLE), *_DISABLE),
+    Mode.DISABLE: (_preflight(Mode.DISABLE), *_DISABLE, _WATCH),
     Mode.UNMERGE: (
         _preflight(Mode.UNMERGE),
         *_DISABLE,
@@ -81,11 +97,13 @@ OPERATIONS: dict[Mode, tuple[Call, ...]] = {
             ksm.unmerged,
             lambda o: {"max_fraction": o.max_fraction, "force": o.force},
         ),
+        _WATCH,
     ),
     Mode.ENABLE: (
         _preflight(Mode.ENABLE),
         Call("Switch ksmtuned back on", ksm.services_enabled),
         Call("Drop the KSM boot persistence", ksm.boot_persisted, lambda o: {"present": False}),
+        Call("Remove the drift watch", ksm.watch_installed, _watch(False)),
     ),
     Mode.VM_OPTOUT: (
         _preflight(Mode.VM_OPTOUT),
@@ -110,7 +128,7 @@ def run_from_host_data() -> None:
     plans = _plans.setdefault(host.state, {})
     current = ctx_host.get()
     try:
-        mode, options = settings_from_data(host.data)
+        mode, options = settings_from_data(host.data, current.name)
     except SettingsError as error:
         raw = str(host.data.get("ksm_mode", "audit"))
         mode = Mode(raw) if raw in MODES else Mode.AUDIT

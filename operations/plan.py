@@ -8,6 +8,7 @@ the steps into pyinfra commands; dry runs, prompts and real runs all show this s
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ from .report import (
     unmerge_allowed_bytes,
     unmerge_need_bytes,
 )
+from .watch import FILES, SCRIPT_PATH, SERVICE, STATE_PATH, TIMER, TIMER_PATH, WatchConfig
+from .watchscript import watch_files
 
 # The unmerge runs detached from the SSH session: a dropped connection (SIGHUP) must not
 # interrupt the synchronous write, and the counters prove the result afterwards.
@@ -64,6 +67,7 @@ if [ "$shared" != 0 ] || [ "$sharing" != 0 ]; then
 fi
 """
 
+
 _HOST_WIDE = "switch KSM off host-wide instead (ksm-guard disable)"
 
 
@@ -76,6 +80,7 @@ class Part(StrEnum):
     UNMERGE = "unmerge"  # ksm.unmerged
     UNITS_ON = "units-on"  # ksm.services_enabled
     VM_OPTOUT = "vm-optout"  # pve.vms_opted_out
+    WATCH = "watch"  # ksm.watch_installed
 
 
 class RefusalCode(StrEnum):
@@ -289,6 +294,62 @@ def boot_persisted(state: HostState, present: bool = True) -> PartPlan:
     return _changing(Part.PERSIST, state, [step], "")
 
 
+def watch_config(options: Options) -> WatchConfig:
+    """The drift watch a host's options ask for."""
+    return WatchConfig(
+        options.watch_host, options.watch_interval, options.watch_heal, options.watch_textfile_dir
+    )
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def watch_installed(state: HostState, present: bool | None, config: WatchConfig) -> PartPlan:
+    """
+    Install the drift watch (its script, service and timer; timer enabled, a first run now), or
+    remove it with its state and metrics files. ``present=None``: leave it as it is.
+    """
+    watch = state.get("watch")
+    files = watch["files"] if watch else {}
+    if present is None:
+        said = "installed" if files else "not installed"
+        return PartPlan(Part.WATCH, noop=f"drift watch not asked for (--watch); it is {said}")
+    if not state["systemd"]:
+        return PartPlan(Part.WATCH, noop="systemd is not running: the drift watch needs its timer")
+    if not present:
+        textfile = watch["textfile"] if watch else None
+        if not files:
+            return PartPlan(Part.WATCH, noop="drift watch is not installed")
+        commands = [
+            *([Command(("systemctl", "disable", "--now", TIMER))] if TIMER_PATH in files else []),
+            Command(("rm", "-f", *FILES, STATE_PATH, *([textfile] if textfile else []))),
+            Command(("systemctl", "daemon-reload")),
+        ]
+        step = Step(Part.WATCH, "drift watch: installed → absent", tuple(commands))
+        return _changing(Part.WATCH, state, [step], "")
+    wanted = watch_files(config)
+    stale = [path for path, text in wanted.items() if files.get(path) != _sha256(text)]
+    if not stale:
+        return PartPlan(Part.WATCH, noop=f"drift watch is installed ({config.describe()})")
+    writes = [Command(("printf", "%s", wanted[path]), stdout_to=path) for path in stale]
+    if SCRIPT_PATH in stale:
+        writes.append(Command(("chmod", "0755", SCRIPT_PATH)))
+    before = "absent" if not files else f"outdated ({', '.join(stale)})"
+    step = Step(
+        Part.WATCH,
+        f"drift watch: {before} → installed ({config.describe()})",
+        (
+            *writes,
+            Command(("systemctl", "daemon-reload")),
+            Command(("systemctl", "enable", TIMER)),
+            Command(("systemctl", "restart", TIMER)),
+            Command(("systemctl", "start", SERVICE)),
+        ),
+    )
+    return _changing(Part.WATCH, state, [step], "")
+
+
 def unmerge_refusal(state: HostState, max_fraction: float) -> Refusal | None:
     """The memory preflight: refuse when the unmerge needs more than its share of MemAvailable."""
     need, available = unmerge_need_bytes(state), state["mem_available"]
@@ -431,6 +492,7 @@ _PARTS: dict[Mode, tuple[Callable[[HostState, Options], PartPlan], ...]] = {
     Mode.ENABLE: (
         lambda state, options: units_on(state),
         lambda state, options: boot_persisted(state, present=False),
+        lambda state, options: watch_installed(state, False, watch_config(options)),
     ),
     Mode.VM_OPTOUT: (lambda state, options: vms_opted_out(state, options.vmids),),
 }
@@ -438,6 +500,15 @@ _PARTS[Mode.UNMERGE] = (
     *_PARTS[Mode.DISABLE],
     lambda state, options: unmerged(state, options.max_fraction, options.force),
 )
+
+
+def _watch_asked(state: HostState, options: Options) -> PartPlan:
+    return watch_installed(state, True if options.watch else None, watch_config(options))
+
+
+# The watch goes last: its first run then reports the host as the mode left it.
+_PARTS[Mode.DISABLE] = (*_PARTS[Mode.DISABLE], _watch_asked)
+_PARTS[Mode.UNMERGE] = (*_PARTS[Mode.UNMERGE], _watch_asked)
 
 
 def plan(state: HostState, mode: Mode, options: Options, today: date | None = None) -> HostPlan:

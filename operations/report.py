@@ -22,6 +22,7 @@ from .model import (
     Waiver,
     utc_today,
 )
+from .watch import WatchRecord, watch_record
 
 ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime")
 ACTIVE_STATES = ("active", "activating", "reloading")
@@ -76,6 +77,7 @@ class AuditRecord(TypedDict):
     qemu_server: str | None
     vms: list[Vm]
     cluster: ClusterInfo | None  # its Proxmox VE cluster; None: no /etc/pve/.members
+    watch: WatchRecord | None  # the drift watch; None: the read had no watch section
     sharing: NotRequired[dict[str, Any]]  # audit --sharing: pairs, tenant pairs (sharing.py)
 
 
@@ -252,6 +254,7 @@ def audit_record(
         "qemu_server": state.get("qemu_server"),
         "vms": sorted((Vm(**vm) for vm in state.get("vms") or []), key=exposure_order),
         "cluster": state.get("cluster"),
+        "watch": watch_record(state.get("watch")),
     }
     if "sharing" in state:
         record["sharing"] = state["sharing"]
@@ -268,8 +271,10 @@ def audit_line(record: AuditRecord) -> str:
     if record["verdict"] == Verdict.UNSUPPORTED:
         return "unsupported: the kernel has no KSM"
     units = ", ".join(f"{name} {record_unit_state(u)}" for name, u in record["units"].items())
+    watch = record.get("watch")
+    finding = f"; {watch['finding']}" if watch and watch["finding"] else ""
     return (
         f"{record['verdict']}: run={record['run']}, pages_shared={record['pages_shared']}, "
         f"pages_sharing={record['pages_sharing']}, saved {human_bytes(record['saved_bytes'])}; "
-        f"{units if record['systemd'] else 'no systemd'}"
+        f"{units if record['systemd'] else 'no systemd'}{finding}"
     )

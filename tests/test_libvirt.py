@@ -182,7 +182,7 @@ def test_a_fixture_from_before_the_section_has_no_domains() -> None:
 
 def test_one_command_still() -> None:
     """The libvirt section is part of the one command, behind its marker."""
-    assert f"; echo '## libvirt_domains'; {LIBVIRT_COMMAND}; " in KSM_HOST_COMMAND
+    assert f"; echo '## libvirt_domains'; {LIBVIRT_COMMAND}; " in f"{KSM_HOST_COMMAND}; "
 
 
 def test_this_machine_without_libvirt_says_absent(tmp_path: Path) -> None:

@@ -5,11 +5,15 @@ and the mode's operations given the same state: they carry out exactly that plan
 A case names a KsmHost fact fixture (``fact``), optional ``state`` overrides and ``options``,
 then the plan: ``status``, and either ``refusal`` (code and reason) or ``changes``, ``skipped``
 (what is left as is, which counts as refused; default none) and ``commands`` (shell text;
-``<UNMERGE_SCRIPT>`` stands for the quoted unmerge script).
+``<UNMERGE_SCRIPT>`` stands for the quoted unmerge script, ``<WATCH:path>`` for the quoted
+drift watch file at ``path`` as the case's options make it). ``watch_files: current`` (or
+``outdated``) gives the state a watch section whose files are those (or a stale script).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shlex
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +26,9 @@ from pyinfra_testing.util import FakeState, create_host
 
 from ksm_guard.operations.model import HostState, Mode, Options
 from ksm_guard.operations.modes import OPERATIONS
-from ksm_guard.operations.plan import UNMERGE_SCRIPT, HostPlan, plan
+from ksm_guard.operations.plan import UNMERGE_SCRIPT, HostPlan, plan, watch_config
+from ksm_guard.operations.watch import SCRIPT_PATH
+from ksm_guard.operations.watchscript import watch_files
 
 PLANS = Path(__file__).parent / "plans"
 FACTS = Path(__file__).parent / "facts" / "facts.KsmHost"
@@ -36,11 +42,35 @@ def _case(path: Path) -> tuple[dict[str, Any], HostState, Mode, Options]:
     options = dict(case.get("options", {}))
     if "vmids" in options:
         options["vmids"] = tuple(options["vmids"])
-    return case, cast(HostState, state), Mode(path.parent.name), Options(**options)
+    built = Options(**options)
+    if "watch_files" in case:
+        files = {
+            path: hashlib.sha256(text.encode()).hexdigest()
+            for path, text in watch_files(watch_config(built)).items()
+        }
+        if case["watch_files"] == "outdated":
+            files[SCRIPT_PATH] = "0" * 64
+        state["watch"] = {
+            "now": 1_700_000_000,
+            "files": files,
+            "last_run": 1_699_999_900,
+            "heals": 0,
+            "interval": built.watch_interval,
+            "textfile": f"{built.watch_textfile_dir}/ksm_guard.prom",
+        }
+    return case, cast(HostState, state), Mode(path.parent.name), built
 
 
-def _shell(commands: list[str]) -> list[str]:
-    return [text.replace("<UNMERGE_SCRIPT>", shlex.quote(UNMERGE_SCRIPT)) for text in commands]
+def _shell(commands: list[str], options: Options) -> list[str]:
+    files = watch_files(watch_config(options))
+    return [
+        re.sub(
+            r"<WATCH:([^>]+)>",
+            lambda match: shlex.quote(files[match.group(1)]),
+            text.replace("<UNMERGE_SCRIPT>", shlex.quote(UNMERGE_SCRIPT)),
+        )
+        for text in commands
+    ]
 
 
 def _planned_commands(host_plan: HostPlan) -> list[str]:
@@ -61,7 +91,7 @@ def test_plan(path: Path) -> None:
         assert host_plan.refusal is None
         assert host_plan.changes == case["changes"]
         assert list(host_plan.skipped) == case.get("skipped", [])
-        assert _planned_commands(host_plan) == _shell(case["commands"])
+        assert _planned_commands(host_plan) == _shell(case["commands"], options)
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -81,4 +111,4 @@ def test_the_operations_carry_out_the_plan(path: Path) -> None:
     if "refusal" in case:
         assert yielded[0] == ["refuse", [case["refusal"]["reason"]], {}]
     else:
-        assert yielded == _shell(case["commands"])
+        assert yielded == _shell(case["commands"], options)

@@ -83,6 +83,7 @@ class Guest:
         self.ssh_config = ssh_config
         self.key = key
         self.port = free_port()
+        self.metrics_port = free_port()  # the guest's node_exporter (:9100)
         self.pid = 0
         self.pidfile = vmdir / "qemu.pid"
         self.monitor = vmdir / "monitor.sock"
@@ -104,7 +105,8 @@ class Guest:
             "-initrd", str(self.initrd),
             "-drive", f"id=d0,file={self.disk},if=none,format=qcow2,cache=unsafe",
             "-device", "virtio-blk-pci,drive=d0",
-            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22,"
+                       f"hostfwd=tcp:127.0.0.1:{self.metrics_port}-:9100",
             "-device", "virtio-net-pci,netdev=n0",
             "-serial", f"file:{self.console}",
             "-monitor", f"unix:{self.monitor},server,nowait",
@@ -134,7 +136,7 @@ class Guest:
             error = qemu_log.read_text(errors="replace")
             if "hostfwd" in error or "host forwarding" in error:
                 log(f"{self.name}: port {self.port} taken (attempt {attempt + 1}), retrying")
-                self.port = free_port()
+                self.port, self.metrics_port = free_port(), free_port()
                 continue
             raise VmError(f"{self.name}: qemu failed to start:\n{tail(error)}")
         raise VmError(f"{self.name}: could not bind a forwarded SSH port")

@@ -38,6 +38,7 @@ PACKAGES = (
     "kmod",
     "zstd",
     "e2fsprogs",
+    "prometheus-node-exporter",  # the drift watch's metrics (tests/integration/test_watch.py)
 )
 USERS = ("root", "admin", "nosudo")  # all accept the suite's key; admin has passwordless sudo
 IMAGE_SIZE = "2G"
