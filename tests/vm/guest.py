@@ -64,6 +64,7 @@ class Guest:
         self,
         name: str,
         flavour: str,
+        release: str,
         vmdir: Path,
         disk: Path,
         *,
@@ -75,6 +76,7 @@ class Guest:
     ) -> None:
         self.name = name
         self.flavour = flavour
+        self.release = release
         self.vmdir = vmdir
         self.disk = disk
         self.kernel = kernel
@@ -91,7 +93,10 @@ class Guest:
         self._workloads = 0
 
     def __repr__(self) -> str:
-        return f"<Guest {self.name} ({self.flavour}) 127.0.0.1:{self.port} pid={self.pid}>"
+        return (
+            f"<Guest {self.name} ({self.release} {self.flavour}) 127.0.0.1:{self.port}"
+            f" pid={self.pid}>"
+        )
 
     # --- life cycle ---
 
@@ -152,7 +157,7 @@ class Guest:
     def fail(self, why: str) -> VmError:
         """Build an error carrying the serial console's tail."""
         return VmError(
-            f"{self.name} ({self.flavour}, port {self.port}): {why}\n"
+            f"{self.name} ({self.release} {self.flavour}, port {self.port}): {why}\n"
             f"--- last {CONSOLE_TAIL_LINES} lines of {self.console} ---\n{self.console_tail()}"
         )
 

@@ -1,9 +1,10 @@
-"""The image recipe: what goes into the Debian 12 test images of each flavour, and how."""
+"""The image recipe: what goes into the Debian test images of each release and flavour, and how."""
 
-# The cache key (``recipe_key``) covers RECIPE_VERSION and ``recipe_data()``: the constants
-# below, not the source text. Changing a constant rebuilds the images on its own; changing what
-# a build function does (a new step, another order, a different command) needs RECIPE_VERSION
-# bumped. Reformatting, comments and unrelated code rebuild nothing.
+# The cache key (``recipe_key``) covers RECIPE_VERSION and ``recipe_data(release)``: the release
+# and the constants below, not the source text. Changing a constant rebuilds the images on its
+# own; changing what a build function does (a new step, another order, a different command) needs
+# RECIPE_VERSION bumped. Reformatting, comments and unrelated code rebuild nothing. Each release
+# has its own key: a step only one release takes (trixie's zstd kernel) changes only its images.
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import lzma
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,11 @@ from tests.vm.util import VmError, run, timed
 
 RECIPE_VERSION = 1
 
-SUITE = "bookworm"
+# Debian releases, oldest first: bookworm = Debian 12 (Proxmox VE 8's base, kernel 6.1, systemd
+# 252), trixie = Debian 13 (Proxmox VE 9's base, kernel 6.12, systemd 257). Each is built from
+# Debian's own packages with the same recipe; the primary one is the target most users run.
+RELEASES = ("bookworm", "trixie")
+PRIMARY_RELEASE = "trixie"
 PACKAGES = (
     "systemd-sysv",
     "udev",
@@ -193,11 +199,18 @@ FLAVOUR_RECIPES = {
 FLAVOURS = tuple(FLAVOUR_RECIPES)
 
 
-def recipe_data() -> dict[str, Any]:
-    """Return everything the images are built from, as plain JSON-able data."""
+def check_release(release: str) -> str:
+    """Return ``release`` if the recipe knows it, else raise ValueError."""
+    if release not in RELEASES:
+        raise ValueError(f"unknown release {release!r}; expected one of {RELEASES}")
+    return release
+
+
+def recipe_data(release: str) -> dict[str, Any]:
+    """Return everything the images of ``release`` are built from, as plain JSON-able data."""
     return {
         "version": RECIPE_VERSION,
-        "suite": SUITE,
+        "suite": check_release(release),
         "packages": PACKAGES,
         "users": USERS,
         "image_size": IMAGE_SIZE,
@@ -215,9 +228,10 @@ def recipe_data() -> dict[str, Any]:
     }
 
 
-def recipe_key(pubkey: str, qemu_version: str) -> str:
-    """Return the cache key of the images: recipe version and data, public key, QEMU version."""
-    document = {"recipe": recipe_data(), "pubkey": pubkey, "qemu": qemu_version}
+def recipe_key(release: str, pubkey: str, qemu_version: str) -> str:
+    """Return the cache key of ``release``'s images: recipe version and data, public key, QEMU
+    version."""
+    document = {"recipe": recipe_data(release), "pubkey": pubkey, "qemu": qemu_version}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -264,31 +278,49 @@ def _apt_source_stanzas() -> Iterator[tuple[str, list[str]]]:
                     yield words[1], [words[2]]
 
 
-def debian_mirror() -> str:
-    """Return the Debian archive URL that apt uses on this machine."""
+def debian_mirror(release: str) -> str:
+    """Return the Debian archive URL that apt uses on this machine (for ``release``, if listed)."""
     stanzas = list(_apt_source_stanzas())
     for uri, suites in stanzas:
-        if SUITE in suites:
+        if release in suites:
             return uri
     for uri, suites in stanzas:
         if any(s.isalpha() for s in suites) and "security" not in uri:
-            return uri  # a main archive of another release also serves bookworm
+            return uri  # a main archive of another release serves every release
     raise VmError("no Debian mirror found in /etc/apt/sources.list{,.d/*}")
 
 
+def _unxz(payload: bytes) -> bytes:
+    """Decompress one xz stream at the start of ``payload`` (b"" if it is none)."""
+    try:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    except lzma.LZMAError:
+        return b""
+
+
+def _unzstd(payload: bytes) -> bytes:
+    """Decompress the zstd frame at the start of ``payload`` with the zstd tool (b"" if none).
+
+    zstd exits non-zero over the bzImage's bytes after the frame; the frame's output is whole.
+    """
+    proc = subprocess.run(["zstd", "-dcq"], input=payload, capture_output=True, check=False)
+    return proc.stdout
+
+
+# A bzImage's payload: bookworm's 6.1 kernel is xz-compressed, trixie's 6.12 zstd-compressed.
+KERNEL_COMPRESSIONS = ((b"\xfd7zXZ\x00", _unxz), (b"\x28\xb5\x2f\xfd", _unzstd))
+
+
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    """Return the ELF kernel inside an xz-compressed bzImage."""
-    magic = b"\xfd7zXZ\x00"
-    start = bzimage.find(magic)
-    while start != -1:
-        try:
-            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
-        except lzma.LZMAError:
-            elf = b""
-        if elf.startswith(b"\x7fELF"):
-            return elf
-        start = bzimage.find(magic, start + 1)
-    raise VmError("no xz-compressed ELF kernel found in the bzImage")
+    """Return the ELF kernel inside an xz- or zstd-compressed bzImage."""
+    for magic, decompress in KERNEL_COMPRESSIONS:
+        start = bzimage.find(magic)
+        while start != -1:
+            elf = decompress(bzimage[start:])
+            if elf.startswith(b"\x7fELF"):
+                return elf
+            start = bzimage.find(magic, start + 1)
+    raise VmError("no xz- or zstd-compressed ELF kernel found in the bzImage")
 
 
 def _kernel_version(root: Path) -> str:
@@ -368,23 +400,25 @@ def _customise_flavour(root: Path, name: str, pve_deb: Path) -> None:
                 raise VmError(f"flavour {name}: {path} should {'' if present else 'not '}exist")
 
 
-def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float]) -> None:
-    """Build kernel, initrd and one ext4 image per flavour into ``dest``."""
+def build_images(
+    dest: Path, release: str, pubkey: str, debs: Path, timings: dict[str, float]
+) -> None:
+    """Build ``release``'s kernel, initrd and one ext4 image per flavour into ``dest``."""
     base = dest / "rootfs"
-    mirror = debian_mirror()
-    with timed(f"debootstrap {SUITE} from {mirror}", timings):
+    mirror = debian_mirror(check_release(release))
+    with timed(f"{release}: debootstrap from {mirror}", timings):
         run(
             [
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(PACKAGES)}",
                 f"--cache-dir={debs}",
-                SUITE,
+                release,
                 base,
                 mirror,
             ]
         )
-    with timed("customise base tree", timings):
+    with timed(f"{release}: customise base tree", timings):
         _customise_base(base, pubkey)
         version = _kernel_version(base)
         (dest / "vmlinux").write_bytes(
@@ -395,7 +429,7 @@ def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float])
     for flavour in FLAVOURS:
         last = flavour == FLAVOURS[-1]
         tree = base if last else dest / f"tree-{flavour}"
-        with timed(f"flavour {flavour}: copy, customise, mkfs.ext4", timings):
+        with timed(f"{release}: flavour {flavour}: copy, customise, mkfs.ext4", timings):
             if not last:
                 run(["cp", "-a", base, tree])
             _customise_flavour(tree, flavour, pve_deb)
@@ -405,7 +439,13 @@ def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float])
     (dest / "snapshots").mkdir()
     (dest / "manifest.json").write_text(
         json.dumps(
-            {"kernel": version, "mirror": mirror, "flavours": FLAVOURS, "timings": timings},
+            {
+                "release": release,
+                "kernel": version,
+                "mirror": mirror,
+                "flavours": FLAVOURS,
+                "timings": timings,
+            },
             indent=2,
         )
     )
