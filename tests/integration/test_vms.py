@@ -198,7 +198,7 @@ def test_vm_optout_cli_dry_run_change_and_rerun(node: Guest, inv: str) -> None:
 
     done = ksm_guard("vm-optout", "--yes", "-i", inv)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pve-vms: stop/start VM 100 for allow-ksm to apply" in done.stdout
+    assert f"{node.name}: stop/start VM 100 for allow-ksm to apply" in done.stdout
     assert qm_calls(node) == ["set 100 --allow-ksm 0"]  # 101 already had allow-ksm 0
     assert conf(node, 100).startswith("name: web1\nmemory: 1024\n\n[PENDING]\nallow-ksm: 0\n")
     assert kvm_pid(node) == pid and node.testinfra_host().file(f"/proc/{pid}").exists

@@ -84,8 +84,8 @@ def capture(session: VmSession, release: str, out: Path = FIXTURES) -> list[Path
             header = (
                 f"Captured from ksm-guard's {release} (Debian {DEBIAN_VERSIONS[release]}) test VM,"
                 f" {guest.flavour} flavour (tests/vm/recipe.py),\n"
-                f"kernel {kernel}, {systemd}, {what} `ksm-guard disable --yes`, a"
-                f" {WORKLOAD_MIB} MiB workload merged,\n"
+                f"kernel {kernel}, {systemd},\n"
+                f"{what} `ksm-guard disable --yes`, a {WORKLOAD_MIB} MiB workload merged,\n"
                 f"by `python -m tests.vm capture --release {release}` (tests/vm/capture.py)."
             )
             write_fixture(path, header, output, fact)

@@ -1,7 +1,8 @@
 """Guest-side KSM workload: identical private pages marked mergeable, held until killed."""
 
 # Runs with the guest's python3 (stdlib only). Usage: workload.py MIB [PIDFILE] [LIFETIME_S] [FILL]
-# (FILL: the byte value every page holds, 0-255; 0 gives zero pages, for use_zero_pages).
+# (FILL: the byte value every page holds, 0-255; 0 gives zero pages, for use_zero_pages). Later
+# arguments that are not digits are ignored: tests/integration/test_vms.py appends QEMU's.
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
     mib = int(argv[1]) if len(argv) > 1 else 64
     pidfile = argv[2] if len(argv) > 2 else ""
     lifetime = float(argv[3]) if len(argv) > 3 else DEFAULT_LIFETIME_S
-    fill = int(argv[4]) if len(argv) > 4 else FILL_BYTE
+    fill = int(argv[4]) if len(argv) > 4 and argv[4].isdigit() else FILL_BYTE
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     area = allocate(mib, fill)
     if pidfile:
