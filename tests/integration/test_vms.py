@@ -121,15 +121,10 @@ def vms_of(result: subprocess.CompletedProcess[str], node: Guest) -> dict[str, d
 
 
 @pytest.mark.releases(*RELEASES)
-def test_audit_shows_vm_100_merged_bytes(node: Guest, inv: str, release: str) -> None:
+def test_audit_shows_vm_100_merged_bytes(node: Guest, inv: str) -> None:
     """VM 100's merged bytes match /proc/PID/ksm_merging_pages; name from its config."""
     pid = kvm_pid(node)
     result = ksm_guard("audit", "-i", inv, "-o", "json")
-    if release == "trixie" and result.returncode == 0:
-        # Seen once: on Debian 13 the pve flavour's ksmtuned (KSM_THRES_COEF=95) had written
-        # run=0, so the node read disabled-but-merged, not ksm-running.
-        run = hosts_of(result)[node.name]["audit"]["run"]
-        pytest.xfail(f"trixie pve: ksmtuned left run={run} (open, issue #14)")
     assert result.returncode == 1, result.stderr
     vm = vms_of(result, node)["100"]
     expected = proc_merged_bytes(node, pid)
