@@ -29,13 +29,16 @@ test-real: $(STAMP) test-deps
 test-install: $(STAMP)
 	$(PYTEST) tests/test_install.py
 
-## test-vm: build (or reuse) the Debian 12 image, boot the test VMs, run the integration suite
+## test-vm: build (or reuse) the Debian 12 and 13 images, boot the test VMs, run the integration
+## suite
 # Run apart from the other tiers: pyinfra-testing imports pyinfra_cli, which gevent-patches the
 # whole process, and the VM harness wants the standard library's subprocess.
 # VM_WORKERS pytest-xdist workers, each with its own VMs (2: one test's guest and host work
-# alternate, leaving a core idle); 0 runs them in this process.
+# alternate, leaving a core idle); 0 runs them in this process. The images of both releases are
+# built first, side by side (a cold cache only; a warm one costs a second).
 VM_WORKERS ?= 2
 test-vm: $(STAMP) test-deps
+	$(BIN)/python -m tests.vm build
 	$(PYTEST) tests/integration -n $(VM_WORKERS) --dist loadgroup
 
 ## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs,
@@ -43,7 +46,7 @@ test-vm: $(STAMP) test-deps
 test-deps:
 	scripts/bootstrap.sh --test
 
-## vm-image: build (or reuse) the VM images only
+## vm-image: build (or reuse) the VM images of both releases only
 vm-image: $(STAMP) test-deps
 	$(BIN)/python -m tests.vm build
 

@@ -28,7 +28,7 @@ if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 if [ "${1:-}" = "--test" ]; then
     apt_install openssh-server openssh-client qemu-system-x86 qemu-utils debootstrap \
-        e2fsprogs xz-utils chromium prometheus shellcheck
+        e2fsprogs xz-utils zstd chromium prometheus shellcheck
     exit 0
 fi
 if [ "${1:-}" = "--bench" ]; then

@@ -43,10 +43,15 @@ OFFLINE = "pve-cluster lists it offline (cluster 'testlab', /etc/pve/.members on
 
 @pytest.fixture(scope="module")
 def site(
-    vm_session: VmSession, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    vm_session: VmSession,
+    release: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Path]:
     """The two guests, the membership stand-in on the pve one, and an operator's working folder."""
-    guests = vm_session.start_many(["pve", "bare"], names=["cluster-pve", "cluster-bare"])
+    guests = vm_session.start_many(
+        ["pve", "bare"], names=["cluster-pve", "cluster-bare"], release=release
+    )
     seed: Guest = guests["cluster-pve"]
     member: Guest = guests["cluster-bare"]
     try:

@@ -5,7 +5,8 @@ of python3 running tests/vm/workload.py) holds identical MADV_MERGEABLE pages, i
 /var/run/qemu-server/100.pid; /etc/pve/qemu-server/100.conf names it (no allow-ksm) and 101.conf
 is a stopped VM with ``allow-ksm: 0``. ``qm`` is a STAND-IN (tests/integration/qm_stand_in.py):
 Proxmox VE cannot be installed here. Dummy ``qemu-server`` packages built with dpkg-deb make the
-guest report a qemu-server version. One guest serves every test of this module, in order.
+guest report a qemu-server version. One guest serves every test of this module, in order, on
+Debian 13; the audit of VM 100 and its ksm_stat fields run on a Debian 12 node as well.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.integration.test_scenarios import ROOT, ksm_guard
 from tests.results import hosts_of
 from tests.vm.guest import WORKLOAD_SCRIPT, Guest
 from tests.vm.inventory import write_inventory
+from tests.vm.recipe import RELEASES
 from tests.vm.session import VmSession
 
 pytestmark = pytest.mark.xdist_group("pve-node")  # one node, its tests in order
@@ -59,9 +61,9 @@ dpkg -i /tmp/qemu-server.deb >/dev/null; rm -rf "$d" /tmp/qemu-server.deb"""
 
 
 @pytest.fixture(scope="module")
-def node(vm_session: VmSession) -> Iterator[Guest]:
+def node(vm_session: VmSession, release: str) -> Iterator[Guest]:
     """A pve guest with the Proxmox-like layout and VM 100's pages merged (ksmtuned: run=1)."""
-    guest = vm_session.start("pve", name="pve-vms")
+    guest = vm_session.start("pve", name=f"pve-vms-{release}", release=release)
     try:
         guest.ssh(SETUP)
         guest.ssh("cat > /usr/sbin/qm && chmod 755 /usr/sbin/qm", input=QM_STAND_IN.read_text())
@@ -118,6 +120,7 @@ def vms_of(result: subprocess.CompletedProcess[str], node: Guest) -> dict[str, d
     return {vm["vmid"] or str(vm["pid"]): vm for vm in hosts_of(result)[node.name]["audit"]["vms"]}
 
 
+@pytest.mark.releases(*RELEASES)
 def test_audit_shows_vm_100_merged_bytes(node: Guest, inv: str) -> None:
     """VM 100's merged bytes match /proc/PID/ksm_merging_pages; name from its config."""
     pid = kvm_pid(node)
@@ -132,9 +135,8 @@ def test_audit_shows_vm_100_merged_bytes(node: Guest, inv: str) -> None:
     assert "101" not in vms_of(result, node)  # configured, not running
 
     table = ksm_guard("audit", "-i", inv, "--vms")
-    row = next(
-        line.split() for line in table.stdout.splitlines() if line.startswith("pve-vms  100")
-    )
+    rows = [line.split() for line in table.stdout.splitlines()]
+    row = next(words for words in rows if words[:2] == [node.name, "100"])
     assert row[2:4] == ["web1", str(pid)] and row[-2:] == ["yes", "no"]
 
     metrics = ksm_guard("audit", "-i", inv, "-o", "prometheus")
@@ -145,6 +147,26 @@ def test_audit_shows_vm_100_merged_bytes(node: Guest, inv: str) -> None:
     }
     assert samples[("ksm_guard_vm_merged_bytes", "100")] > 0
     assert samples[("ksm_guard_run", None)] == 1
+
+
+# /proc/PID/ksm_stat as fs/proc/base.c proc_pid_ksm_stat prints it on each release's kernel.
+KSM_STAT_FIELDS = {
+    "bookworm": ("ksm_rmap_items",),
+    "trixie": ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit"),
+}
+
+
+@pytest.mark.releases(*RELEASES)
+def test_vm_100_ksm_stat_follows_the_kernel(node: Guest, inv: str, release: str) -> None:
+    """/proc/PID/ksm_stat has the release kernel's fields; the audit's per-VM ksm_zero_pages
+    comes from it where the kernel has it (6.12: a number) and is None where not (6.1)."""
+    pid = kvm_pid(node)
+    lines = node.ssh(f"cat /proc/{pid}/ksm_stat 2>/dev/null || true").stdout.splitlines()
+    stat = dict(line.split(maxsplit=1) for line in lines if line.strip())
+    assert tuple(stat) == KSM_STAT_FIELDS[release]
+    vm = vms_of(ksm_guard("audit", "-i", inv, "-o", "json"), node)["100"]
+    zero = stat.get("ksm_zero_pages")
+    assert vm["ksm_zero_pages"] == (None if zero is None else int(zero))
 
 
 def test_vm_optout_refused_off_proxmox_and_on_old_qemu_server(node: Guest, inv: str) -> None:
@@ -176,7 +198,7 @@ def test_vm_optout_cli_dry_run_change_and_rerun(node: Guest, inv: str) -> None:
 
     done = ksm_guard("vm-optout", "--yes", "-i", inv)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pve-vms: stop/start VM 100 for allow-ksm to apply" in done.stdout
+    assert f"{node.name}: stop/start VM 100 for allow-ksm to apply" in done.stdout
     assert qm_calls(node) == ["set 100 --allow-ksm 0"]  # 101 already had allow-ksm 0
     assert conf(node, 100).startswith("name: web1\nmemory: 1024\n\n[PENDING]\nallow-ksm: 0\n")
     assert kvm_pid(node) == pid and node.testinfra_host().file(f"/proc/{pid}").exists

@@ -1,4 +1,5 @@
-"""Build, boot and clean up ksm-guard's test VMs by hand: ``python -m tests.vm build|up|reap``."""
+"""Build, boot and clean up ksm-guard's test VMs by hand: ``python -m tests.vm
+build|up|reap|capture``."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ from collections.abc import Sequence
 
 from tests.vm.guest import DEFAULT_MEMORY_MIB
 from tests.vm.inventory import write_inventory
-from tests.vm.recipe import FLAVOURS
-from tests.vm.session import VmSession, reap_stale_sessions
+from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, RELEASES
+from tests.vm.session import VmSession, parallel, reap_stale_sessions
 from tests.vm.util import timed
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    """Build or reuse the images (and optionally the snapshots), print where they are."""
+    """Build or reuse the images of each release side by side (and optionally the snapshots),
+    print where they are."""
     timings: dict[str, float] = {}
+    releases = args.release or list(RELEASES)
     with VmSession(memory_mib=args.memory) as session:
-        with timed("ensure images", timings):
-            print(f"cache: {session.images.root}")
+        with timed(f"ensure images of {', '.join(releases)}", timings):
+            parallel(session.images, releases)
+        for release in releases:
+            print(f"{release}: {session.images(release).root}")
         if args.snapshots:
             with timed("ensure snapshots", timings):
-                session.ensure_snapshots(FLAVOURS, args.memory)
+                for release in releases:
+                    session.ensure_snapshots(FLAVOURS, args.memory, release)
             print(f"accel: {session.accel}")
     print(json.dumps(timings))
     return 0
@@ -33,8 +39,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     """Boot guests, print how to reach them, wait for Ctrl-C, then stop them."""
     flavours = args.flavour or list(FLAVOURS)
     with VmSession(memory_mib=args.memory) as session:
-        with timed(f"boot {', '.join(flavours)}"):
-            guests = session.start_many(flavours)
+        with timed(f"boot {args.release} {', '.join(flavours)}"):
+            guests = session.start_many(flavours, release=args.release)
         inventory = write_inventory(session.workdir / "inventory.py", guests.values())
         for guest in guests.values():
             print(f"{guest.name:10} ssh -F {session.ssh_config} {guest.name}")
@@ -45,6 +51,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print("all VMs exited")
         except KeyboardInterrupt:
             print("stopping")
+    return 0
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    """Capture KsmHost fixtures from the release's debian and pve guests (tests/vm/capture.py)."""
+    from tests.vm.capture import capture
+
+    with VmSession() as session:
+        for path in capture(session, args.release):
+            print(path)
     return 0
 
 
@@ -61,11 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     build = sub.add_parser("build", help="build or reuse the cached images")
     build.add_argument("--snapshots", action="store_true", help="also create the booted snapshots")
     build.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, help="guest MiB")
+    build.add_argument(
+        "--release", action="append", choices=RELEASES, help="repeatable (default: all)"
+    )
     build.set_defaults(func=_cmd_build)
     up = sub.add_parser("up", help="boot guests until Ctrl-C (KSM_GUARD_KEEP_VMS=1: leave them)")
     up.add_argument("--flavour", action="append", choices=FLAVOURS, help="repeatable")
     up.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, help="guest MiB")
+    up.add_argument("--release", choices=RELEASES, default=PRIMARY_RELEASE, help="Debian release")
     up.set_defaults(func=_cmd_up)
+    grab = sub.add_parser("capture", help="write KsmHost fixtures from real guests")
+    grab.add_argument("--release", choices=RELEASES, default=PRIMARY_RELEASE, help="Debian release")
+    grab.set_defaults(func=_cmd_capture)
     reap = sub.add_parser("reap", help="stop VMs left over by dead sessions")
     reap.add_argument("--all", action="store_true", help="include sessions kept with --keep-vms")
     reap.set_defaults(func=_cmd_reap)

@@ -1,22 +1,26 @@
-"""The image cache: the suite's SSH key, published builds keyed by the recipe, and their lock."""
+"""The image cache: the suite's SSH key, published builds keyed by release and recipe, locks."""
 
 # Layout of the cache (``$KSM_GUARD_VM_CACHE``, default ``~/.cache/ksm-guard/vm``)::
 #
 #     id_ed25519[.pub]         the suite's SSH key, accepted by root, admin and nosudo
-#     debs/                    debootstrap's package cache
-#     <recipe key>/            one published build (atomic rename of a temp dir)
+#     debs/<release>/          debootstrap's package cache, one per Debian release
+#     .lock-<release>          held while a release's images or snapshots are made
+#     <recipe key>/            one published build of one release (atomic rename of a temp dir)
 #         vmlinux initrd.img   ELF kernel extracted from Debian's bzImage, small initrd
 #         debian.raw pve.raw bare.raw   one ext4 image per flavour
 #         snapshots/<flavour>-<MiB>m-<vCPUs>c-<key>.qcow2   booted guest saved by ``savevm``
+#         manifest.json        release, kernel version, mirror, build timings
 #
-# The recipe key is ``recipe.recipe_key``: RECIPE_VERSION, the recipe's data, the public key and
-# ``qemu-system-x86_64 --version``. Snapshot keys are the session's (``session.snapshot_path``).
+# The recipe key is ``recipe.recipe_key``: RECIPE_VERSION, the release and the recipe's data, the
+# public key and ``qemu-system-x86_64 --version``. Snapshot keys are the session's
+# (``session.snapshot_path``). Releases have their own locks, so that two builds can run at once.
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -26,11 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.vm.qemu import qemu_version
-from tests.vm.recipe import FLAVOURS, build_images, recipe_key
+from tests.vm.recipe import FLAVOURS, RELEASES, build_images, check_release, recipe_key
 from tests.vm.util import VmError, log, timed
 
 LOCK_TIMEOUT_S = 1800.0
-KEPT_BUILDS = 2  # each recipe change leaves ~2 GB behind: keep the most recently used ones
+# Each recipe change leaves ~2.5 GB behind: keep the most recently used builds of each release
+# (worktrees with other recipes share the cache).
+KEPT_BUILDS = 3
 
 
 def cache_root() -> Path:
@@ -87,6 +93,7 @@ class ImagePaths:
     """Where the cached artefacts of one published build live."""
 
     root: Path
+    release: str
 
     @property
     def kernel(self) -> Path:
@@ -108,48 +115,68 @@ class ImagePaths:
         return self.root / f"{flavour}.raw"
 
 
-def ensure_images() -> ImagePaths:
-    """Build the images of every flavour once, or reuse the cache; return where they are."""
+def release_lock(release: str) -> Path:
+    """Return the lock file of ``release``'s builds and snapshots."""
+    return cache_root() / f".lock-{check_release(release)}"
+
+
+def ensure_images(release: str) -> ImagePaths:
+    """Build ``release``'s images of every flavour once, or reuse the cache; return where."""
     pubkey = ensure_key().with_suffix(".pub").read_text()
     cache = cache_root()
-    root = cache / recipe_key(pubkey, qemu_version())
+    root = cache / recipe_key(release, pubkey, qemu_version())
     if not (root / "manifest.json").exists():
-        with locked(cache / ".lock"):
+        with locked(release_lock(release)):
             if not (root / "manifest.json").exists():
-                _publish_build(cache, root, pubkey)
-                _prune_old_builds(cache, root)
+                _publish_build(cache, root, release, pubkey)
+                _prune_old_builds(cache, root, release)
     (root / "last-used").touch()
-    return ImagePaths(root)
+    return ImagePaths(root, release)
 
 
-def _publish_build(cache: Path, root: Path, pubkey: str) -> None:
+def _publish_build(cache: Path, root: Path, release: str, pubkey: str) -> None:
     """Build into a temp dir under the cache, then rename it into place."""
     if os.geteuid() != 0:
         raise VmError("building the VM images needs root (debootstrap, chroot)")
-    missing = [tool for tool in ("debootstrap", "mkfs.ext4", "qemu-img") if not shutil.which(tool)]
+    tools = ("debootstrap", "mkfs.ext4", "qemu-img", "zstd")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
-        raise VmError(f"{', '.join(missing)} not found: install debootstrap e2fsprogs qemu-utils")
-    for stale in cache.glob(".build-*"):  # we hold the lock: these are from killed builds
+        raise VmError(
+            f"{', '.join(missing)} not found: install debootstrap e2fsprogs qemu-utils zstd"
+        )
+    prefix = f".build-{release}-"
+    for stale in cache.glob(f"{prefix}*"):  # we hold the release's lock: from killed builds
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache))
     timings: dict[str, float] = {}
     try:
-        with timed(f"build images into {root}", timings):
-            (cache / "debs").mkdir(exist_ok=True)
-            build_images(tmp, pubkey, cache / "debs", timings)
+        with timed(f"build {release} images into {root}", timings):
+            debs = cache / "debs" / release
+            debs.mkdir(parents=True, exist_ok=True)
+            build_images(tmp, release, pubkey, debs, timings)
         tmp.rename(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prune_old_builds(cache: Path, current: Path) -> None:
-    """Delete published builds beyond the ``KEPT_BUILDS`` most recently used ones."""
+def build_release(build: Path) -> str:
+    """Return the release of a published build (builds from before releases were bookworm)."""
+    manifest = json.loads((build / "manifest.json").read_text())
+    return str(manifest.get("release", RELEASES[0]))
+
+
+def _prune_old_builds(cache: Path, current: Path, release: str) -> None:
+    """Delete ``release``'s builds beyond the ``KEPT_BUILDS`` most recently used ones."""
 
     def last_used(build: Path) -> float:
         marker = build / "last-used"
         return marker.stat().st_mtime if marker.exists() else 0.0
 
-    builds = [p for p in cache.iterdir() if (p / "manifest.json").exists() and p != current]
+    builds = [
+        p
+        for p in cache.iterdir()
+        if (p / "manifest.json").exists() and p != current and build_release(p) == release
+    ]
     for old in sorted(builds, key=last_used, reverse=True)[KEPT_BUILDS - 1 :]:
         log(f"removing old build {old}")
         shutil.rmtree(old, ignore_errors=True)

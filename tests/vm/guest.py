@@ -18,6 +18,7 @@ from tests.vm.util import CONSOLE_TAIL_LINES, VmError, log, tail
 KSM_SYSFS = "/sys/kernel/mm/ksm"
 WORKLOAD_SCRIPT = Path(__file__).with_name("workload.py")
 GUEST_WORKLOAD_PATH = "/var/tmp/ksm-guard-workload.py"
+LIFETIME_S = 3600  # a forgotten workload frees its memory after an hour
 COLD_BOOT_TIMEOUT_S = 240.0
 RESTORE_TIMEOUT_S = 90.0
 DEFAULT_MEMORY_MIB = 1024
@@ -64,6 +65,7 @@ class Guest:
         self,
         name: str,
         flavour: str,
+        release: str,
         vmdir: Path,
         disk: Path,
         *,
@@ -75,6 +77,7 @@ class Guest:
     ) -> None:
         self.name = name
         self.flavour = flavour
+        self.release = release
         self.vmdir = vmdir
         self.disk = disk
         self.kernel = kernel
@@ -92,7 +95,10 @@ class Guest:
         self._workloads = 0
 
     def __repr__(self) -> str:
-        return f"<Guest {self.name} ({self.flavour}) 127.0.0.1:{self.port} pid={self.pid}>"
+        return (
+            f"<Guest {self.name} ({self.release} {self.flavour}) 127.0.0.1:{self.port}"
+            f" pid={self.pid}>"
+        )
 
     # --- life cycle ---
 
@@ -154,7 +160,7 @@ class Guest:
     def fail(self, why: str) -> VmError:
         """Build an error carrying the serial console's tail."""
         return VmError(
-            f"{self.name} ({self.flavour}, port {self.port}): {why}\n"
+            f"{self.name} ({self.release} {self.flavour}, port {self.port}): {why}\n"
             f"--- last {CONSOLE_TAIL_LINES} lines of {self.console} ---\n{self.console_tail()}"
         )
 
@@ -303,26 +309,39 @@ class Guest:
 
     # --- KSM workload ---
 
-    def start_workload(self, mib: int = 64, timeout: float = 60.0) -> None:
-        """Start a mergeable workload of ``mib`` MiB, run KSM fast, wait until it merged."""
-        shared, sharing = f"{KSM_SYSFS}/pages_shared", f"{KSM_SYSFS}/pages_sharing"
-        page_size, before = self.ssh(
-            f"getconf PAGESIZE; echo $(($(cat {shared}) + $(cat {sharing})))"
-        ).stdout.split()
+    def launch_workload(self, mib: int = 64, fill: int = 0x5A, timeout: float = 60.0) -> int:
+        """Start a workload of ``mib`` MiB of ``fill`` bytes marked mergeable; wait until it
+        holds its memory; return its pid."""
         self.ssh(f"cat > {GUEST_WORKLOAD_PATH}", input=WORKLOAD_SCRIPT.read_text())
         tag = f"/run/ksm-guard-workload-{self._workloads}"
         self._workloads += 1
-        self.ssh(f"nohup setsid python3 {GUEST_WORKLOAD_PATH} {mib} >{tag}.log 2>&1 </dev/null &")
+        self.ssh(
+            f"nohup setsid python3 {GUEST_WORKLOAD_PATH} {mib} {tag}.pid {LIFETIME_S} {fill}"
+            f" >{tag}.log 2>&1 </dev/null &"
+        )
         self._await(
             f"grep -qx ready {tag}.log",
             timeout,
             f"cat {tag}.log",
             f"workload did not become ready in {timeout:.0f}s",
         )
+        return int(self.ssh(f"cat {tag}.pid").stdout)
+
+    def run_ksm_fast(self) -> None:
+        """Switch ksmd on, scanning 10000 pages every 10 ms."""
         self.ssh(
             f"echo 10000 > {KSM_SYSFS}/pages_to_scan; echo 10 > {KSM_SYSFS}/sleep_millisecs;"
             f" echo 1 > {KSM_SYSFS}/run"
         )
+
+    def start_workload(self, mib: int = 64, timeout: float = 60.0) -> None:
+        """Start a mergeable workload of ``mib`` MiB, run KSM fast, wait until it merged."""
+        shared, sharing = f"{KSM_SYSFS}/pages_shared", f"{KSM_SYSFS}/pages_sharing"
+        page_size, before = self.ssh(
+            f"getconf PAGESIZE; echo $(($(cat {shared}) + $(cat {sharing})))"
+        ).stdout.split()
+        self.launch_workload(mib, timeout=timeout)
+        self.run_ksm_fast()
         # max_page_sharing (256) caps sharers per KSM page: count shared + sharing, not sharing.
         # ksmtuned (debian flavour) may write run=0 meanwhile: put it back while we wait.
         pages = mib * 1024 * 1024 // int(page_size)

@@ -1,9 +1,10 @@
-"""The image recipe: what goes into the Debian 12 test images of each flavour, and how."""
+"""The image recipe: what goes into the Debian test images of each release and flavour, and how."""
 
-# The cache key (``recipe_key``) covers RECIPE_VERSION and ``recipe_data()``: the constants
-# below, not the source text. Changing a constant rebuilds the images on its own; changing what
-# a build function does (a new step, another order, a different command) needs RECIPE_VERSION
-# bumped. Reformatting, comments and unrelated code rebuild nothing.
+# The cache key (``recipe_key``) covers RECIPE_VERSION and ``recipe_data(release)``: the release
+# and the constants below, not the source text. Changing a constant rebuilds the images on its
+# own; changing what a build function does (a new step, another order, a different command) needs
+# RECIPE_VERSION bumped. Reformatting, comments and unrelated code rebuild nothing. Each release
+# has its own key: a step only one release takes (trixie's zstd kernel) changes only its images.
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import lzma
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,11 @@ from tests.vm.util import VmError, run, timed
 
 RECIPE_VERSION = 1
 
-SUITE = "bookworm"
+# Debian releases, oldest first: bookworm = Debian 12 (Proxmox VE 8's base, kernel 6.1, systemd
+# 252), trixie = Debian 13 (Proxmox VE 9's base, kernel 6.12, systemd 257). Each is built from
+# Debian's own packages with the same recipe; the primary one is the target most users run.
+RELEASES = ("bookworm", "trixie")
+PRIMARY_RELEASE = "trixie"
 PACKAGES = (
     "systemd-sysv",
     "udev",
@@ -116,6 +122,21 @@ BASE_FILES: dict[str, tuple[str, int]] = {
         0o644,
     ),
 }
+# Files only one release's base tree gets. OpenSSH 9.8+ (trixie's 10.0) penalises a source
+# address that connects and leaves without authenticating (PerSourcePenalties, "noauth"), then
+# refuses its new connections for a while: the harness's banner waits while a guest boots are
+# such connections, and everything from this machine reaches the guest from QEMU's user-network
+# gateway, 10.0.2.2. Without the exemption sshd dropped ksm-guard's first connection after a
+# reboot ("Error reading SSH protocol banner") in three of four runs; bookworm's 9.2 has neither
+# the penalties nor the option.
+RELEASE_FILES: dict[str, dict[str, tuple[str, int]]] = {
+    "trixie": {
+        "etc/ssh/sshd_config.d/ksm-guard-penalties.conf": (
+            "PerSourcePenaltyExemptList 10.0.2.2\n",
+            0o644,
+        ),
+    },
+}
 # pam_motd runs scripts at every login: slow under TCG. Lines matching this are commented out.
 PAM_SSHD_DISABLED = r"(?m)^session\s+optional\s+pam_motd\.so.*$"
 CHROOT_ENV = {
@@ -194,11 +215,18 @@ FLAVOUR_RECIPES = {
 FLAVOURS = tuple(FLAVOUR_RECIPES)
 
 
-def recipe_data() -> dict[str, Any]:
-    """Return everything the images are built from, as plain JSON-able data."""
+def check_release(release: str) -> str:
+    """Return ``release`` if the recipe knows it, else raise ValueError."""
+    if release not in RELEASES:
+        raise ValueError(f"unknown release {release!r}; expected one of {RELEASES}")
+    return release
+
+
+def recipe_data(release: str) -> dict[str, Any]:
+    """Return everything the images of ``release`` are built from, as plain JSON-able data."""
     return {
         "version": RECIPE_VERSION,
-        "suite": SUITE,
+        "suite": check_release(release),
         "packages": PACKAGES,
         "users": USERS,
         "image_size": IMAGE_SIZE,
@@ -206,6 +234,7 @@ def recipe_data() -> dict[str, Any]:
         "pruned_module_trees": PRUNED_MODULE_TREES,
         "masked_units": MASKED_UNITS,
         "base_files": BASE_FILES,
+        "release_files": RELEASE_FILES.get(release, {}),
         "pam_sshd_disabled": PAM_SSHD_DISABLED,
         "chroot_env": CHROOT_ENV,
         "pve_unit": PVE_KSMTUNED_UNIT,
@@ -216,9 +245,10 @@ def recipe_data() -> dict[str, Any]:
     }
 
 
-def recipe_key(pubkey: str, qemu_version: str) -> str:
-    """Return the cache key of the images: recipe version and data, public key, QEMU version."""
-    document = {"recipe": recipe_data(), "pubkey": pubkey, "qemu": qemu_version}
+def recipe_key(release: str, pubkey: str, qemu_version: str) -> str:
+    """Return the cache key of ``release``'s images: recipe version and data, public key, QEMU
+    version."""
+    document = {"recipe": recipe_data(release), "pubkey": pubkey, "qemu": qemu_version}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -265,31 +295,49 @@ def _apt_source_stanzas() -> Iterator[tuple[str, list[str]]]:
                     yield words[1], [words[2]]
 
 
-def debian_mirror() -> str:
-    """Return the Debian archive URL that apt uses on this machine."""
+def debian_mirror(release: str) -> str:
+    """Return the Debian archive URL that apt uses on this machine (for ``release``, if listed)."""
     stanzas = list(_apt_source_stanzas())
     for uri, suites in stanzas:
-        if SUITE in suites:
+        if release in suites:
             return uri
     for uri, suites in stanzas:
         if any(s.isalpha() for s in suites) and "security" not in uri:
-            return uri  # a main archive of another release also serves bookworm
+            return uri  # a main archive of another release serves every release
     raise VmError("no Debian mirror found in /etc/apt/sources.list{,.d/*}")
 
 
+def _unxz(payload: bytes) -> bytes:
+    """Decompress one xz stream at the start of ``payload`` (b"" if it is none)."""
+    try:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    except lzma.LZMAError:
+        return b""
+
+
+def _unzstd(payload: bytes) -> bytes:
+    """Decompress the zstd frame at the start of ``payload`` with the zstd tool (b"" if none).
+
+    zstd exits non-zero over the bzImage's bytes after the frame; the frame's output is whole.
+    """
+    proc = subprocess.run(["zstd", "-dcq"], input=payload, capture_output=True, check=False)
+    return proc.stdout
+
+
+# A bzImage's payload: bookworm's 6.1 kernel is xz-compressed, trixie's 6.12 zstd-compressed.
+KERNEL_COMPRESSIONS = ((b"\xfd7zXZ\x00", _unxz), (b"\x28\xb5\x2f\xfd", _unzstd))
+
+
 def extract_vmlinux(bzimage: bytes) -> bytes:
-    """Return the ELF kernel inside an xz-compressed bzImage."""
-    magic = b"\xfd7zXZ\x00"
-    start = bzimage.find(magic)
-    while start != -1:
-        try:
-            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
-        except lzma.LZMAError:
-            elf = b""
-        if elf.startswith(b"\x7fELF"):
-            return elf
-        start = bzimage.find(magic, start + 1)
-    raise VmError("no xz-compressed ELF kernel found in the bzImage")
+    """Return the ELF kernel inside an xz- or zstd-compressed bzImage."""
+    for magic, decompress in KERNEL_COMPRESSIONS:
+        start = bzimage.find(magic)
+        while start != -1:
+            elf = decompress(bzimage[start:])
+            if elf.startswith(b"\x7fELF"):
+                return elf
+            start = bzimage.find(magic, start + 1)
+    raise VmError("no xz- or zstd-compressed ELF kernel found in the bzImage")
 
 
 def _kernel_version(root: Path) -> str:
@@ -313,9 +361,9 @@ def _add_user(root: Path, user: str, pubkey: str) -> None:
     _chroot(root, "chown", "-R", f"{user}:{user}", f"/{home.relative_to(root)}/.ssh")
 
 
-def _customise_base(root: Path, pubkey: str) -> None:
+def _customise_base(root: Path, pubkey: str, release: str) -> None:
     """Network, SSH, users, boot-speed trims and a small initrd, common to all flavours."""
-    for relative, (text, mode) in BASE_FILES.items():
+    for relative, (text, mode) in {**BASE_FILES, **RELEASE_FILES.get(release, {})}.items():
         _write(root / relative, text, mode)
     pam_sshd = root / "etc/pam.d/sshd"
     pam_sshd.write_text(re.sub(PAM_SSHD_DISABLED, r"# \g<0>", pam_sshd.read_text()))
@@ -369,24 +417,26 @@ def _customise_flavour(root: Path, name: str, pve_deb: Path) -> None:
                 raise VmError(f"flavour {name}: {path} should {'' if present else 'not '}exist")
 
 
-def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float]) -> None:
-    """Build kernel, initrd and one ext4 image per flavour into ``dest``."""
+def build_images(
+    dest: Path, release: str, pubkey: str, debs: Path, timings: dict[str, float]
+) -> None:
+    """Build ``release``'s kernel, initrd and one ext4 image per flavour into ``dest``."""
     base = dest / "rootfs"
-    mirror = debian_mirror()
-    with timed(f"debootstrap {SUITE} from {mirror}", timings):
+    mirror = debian_mirror(check_release(release))
+    with timed(f"{release}: debootstrap from {mirror}", timings):
         run(
             [
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(PACKAGES)}",
                 f"--cache-dir={debs}",
-                SUITE,
+                release,
                 base,
                 mirror,
             ]
         )
-    with timed("customise base tree", timings):
-        _customise_base(base, pubkey)
+    with timed(f"{release}: customise base tree", timings):
+        _customise_base(base, pubkey, release)
         version = _kernel_version(base)
         (dest / "vmlinux").write_bytes(
             extract_vmlinux((base / f"boot/vmlinuz-{version}").read_bytes())
@@ -396,7 +446,7 @@ def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float])
     for flavour in FLAVOURS:
         last = flavour == FLAVOURS[-1]
         tree = base if last else dest / f"tree-{flavour}"
-        with timed(f"flavour {flavour}: copy, customise, mkfs.ext4", timings):
+        with timed(f"{release}: flavour {flavour}: copy, customise, mkfs.ext4", timings):
             if not last:
                 run(["cp", "-a", base, tree])
             _customise_flavour(tree, flavour, pve_deb)
@@ -406,7 +456,13 @@ def build_images(dest: Path, pubkey: str, debs: Path, timings: dict[str, float])
     (dest / "snapshots").mkdir()
     (dest / "manifest.json").write_text(
         json.dumps(
-            {"kernel": version, "mirror": mirror, "flavours": FLAVOURS, "timings": timings},
+            {
+                "release": release,
+                "kernel": version,
+                "mirror": mirror,
+                "flavours": FLAVOURS,
+                "timings": timings,
+            },
             indent=2,
         )
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.vm.accel import accel_args, detect_accel
-from tests.vm.cache import ImagePaths, cache_root, ensure_images, ensure_key, locked
+from tests.vm.cache import ImagePaths, ensure_images, ensure_key, locked, release_lock
 from tests.vm.guest import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
@@ -34,7 +34,7 @@ from tests.vm.guest import (
     bounded_poll,
 )
 from tests.vm.qemu import SNAPSHOT_TAG, hmp, pid_alive, process_start, terminate
-from tests.vm.recipe import FLAVOURS
+from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, check_release
 from tests.vm.util import VmError, log, run, timed
 
 SESSION_PREFIX = "ksm-guard-vms-"
@@ -82,7 +82,7 @@ class VmSession:
         (self.workdir / "ssh").mkdir()
         self.ssh_config = self.workdir / "ssh_config"
         self.guests: dict[str, Guest] = {}
-        self._images: ImagePaths | None = None
+        self._images: dict[str, ImagePaths] = {}
         self._images_lock = threading.Lock()
         self._accel = ""
         self._lock = threading.Lock()
@@ -107,19 +107,21 @@ class VmSession:
             if signal.getsignal(sig) in (signal.SIG_DFL, None):
                 self._previous_handlers[sig] = signal.signal(sig, _exit_on_signal)
 
-    @property
-    def images(self) -> ImagePaths:
-        """Return (building once) the cached images."""
-        with self._images_lock:
-            if self._images is None:
-                self._images = ensure_images()
-            return self._images
+    def images(self, release: str = PRIMARY_RELEASE) -> ImagePaths:
+        """Return (building once) the cached images of ``release``."""
+        check_release(release)
+        if release not in self._images:
+            images = ensure_images(release)  # outside our lock: releases build side by side
+            with self._images_lock:
+                self._images.setdefault(release, images)
+        return self._images[release]
 
     @property
     def accel(self) -> str:
-        """Return the accelerator in use (probed once)."""
+        """Return the accelerator in use (probed once, with the first release's kernel)."""
         if not self._accel:
-            self._accel = detect_accel(self.images.kernel, self.images.root)
+            images = next(iter(self._images.values()), None) or self.images()
+            self._accel = detect_accel(images.kernel, images.root)
             log(f"accelerator: {self._accel}")
         return self._accel
 
@@ -136,25 +138,26 @@ class VmSession:
             " cryptomgr.notests 8250.nr_uarts=1 tsc=reliable no_timer_check",
         ]  # fmt: skip
 
-    def snapshot_path(self, flavour: str, memory_mib: int) -> Path:
-        """Return where the booted snapshot for these machine settings is cached."""
+    def snapshot_path(self, flavour: str, memory_mib: int, release: str = PRIMARY_RELEASE) -> Path:
+        """Return where the booted snapshot of ``release`` for these machine settings is cached."""
+        images = self.images(release)
         key = json.dumps(
             [
                 SNAPSHOT_VERSION,
-                self.images.root.name,
+                images.root.name,
                 flavour,
                 self.machine_args(memory_mib, self.vcpus),
                 SNAPSHOT_STEPS[flavour],
             ]
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return self.images.snapshots / f"{flavour}-{memory_mib}m-{self.vcpus}c-{digest}.qcow2"
+        return images.snapshots / f"{flavour}-{memory_mib}m-{self.vcpus}c-{digest}.qcow2"
 
     def _new_guest(
-        self, flavour: str, name: str, memory_mib: int, disk: Path | None = None
+        self, flavour: str, name: str, memory_mib: int, release: str, disk: Path | None = None
     ) -> Guest:
-        """Create (not start) a guest with its own run dir."""
-        images, machine = self.images, self.machine_args(memory_mib, self.vcpus)
+        """Create (not start) a guest of ``release`` with its own run dir."""
+        images, machine = self.images(release), self.machine_args(memory_mib, self.vcpus)
         with self._lock:
             if name in self.guests:
                 raise ValueError(f"a guest named {name!r} already runs in this session")
@@ -163,6 +166,7 @@ class VmSession:
             guest = Guest(
                 name,
                 flavour,
+                release,
                 vmdir,
                 disk or vmdir / "disk.qcow2",
                 kernel=images.kernel,
@@ -174,15 +178,16 @@ class VmSession:
             self.guests[name] = guest
         return guest
 
-    def _make_snapshot(self, flavour: str, memory_mib: int) -> None:
+    def _make_snapshot(self, flavour: str, memory_mib: int, release: str) -> None:
         """Cold-boot a guest, run SNAPSHOT_STEPS, ``savevm`` it, publish the qcow2 atomically."""
-        final = self.snapshot_path(flavour, memory_mib)
-        tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.images.snapshots))
-        name = f"snapshot-{flavour}-{memory_mib}m"
-        guest = self._new_guest(flavour, name, memory_mib, disk=tmpdir / final.name)
+        images = self.images(release)
+        final = self.snapshot_path(flavour, memory_mib, release)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=images.snapshots))
+        name = f"snapshot-{release}-{flavour}-{memory_mib}m"
+        guest = self._new_guest(flavour, name, memory_mib, release, disk=tmpdir / final.name)
         try:
-            with timed(f"{flavour}: cold boot + savevm for {final.name}"):
-                base = self.images.disk(flavour)
+            with timed(f"{release} {flavour}: cold boot + savevm for {final.name}"):
+                base = images.disk(flavour)
                 run(
                     ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, guest.disk]
                 )
@@ -206,42 +211,58 @@ class VmSession:
             self.stop(guest)
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    def ensure_snapshots(self, flavours: Iterable[str], memory_mib: int) -> None:
-        """Create the missing booted snapshots (in parallel, under the cache lock)."""
+    def ensure_snapshots(
+        self, flavours: Iterable[str], memory_mib: int, release: str = PRIMARY_RELEASE
+    ) -> None:
+        """Create ``release``'s missing booted snapshots (in parallel, under its lock)."""
         wanted = sorted(set(flavours))
-        if all(self.snapshot_path(f, memory_mib).exists() for f in wanted):
+        if all(self.snapshot_path(f, memory_mib, release).exists() for f in wanted):
             return
-        with locked(cache_root() / ".lock"):
-            for stale in self.images.snapshots.glob(".tmp-*"):  # from killed runs
+        with locked(release_lock(release)):
+            for stale in self.images(release).snapshots.glob(".tmp-*"):  # from killed runs
                 shutil.rmtree(stale, ignore_errors=True)
-            missing = [f for f in wanted if not self.snapshot_path(f, memory_mib).exists()]
-            parallel(lambda f: self._make_snapshot(f, memory_mib), missing)
+            missing = [f for f in wanted if not self.snapshot_path(f, memory_mib, release).exists()]
+            parallel(lambda f: self._make_snapshot(f, memory_mib, release), missing)
 
-    def start(self, flavour: str, name: str | None = None, memory_mib: int | None = None) -> Guest:
-        """Start one pristine guest of ``flavour`` from its booted snapshot."""
-        return self._start([flavour], [name] if name else None, memory_mib)[0]
+    def start(
+        self,
+        flavour: str,
+        name: str | None = None,
+        memory_mib: int | None = None,
+        release: str = PRIMARY_RELEASE,
+    ) -> Guest:
+        """Start one pristine guest of ``flavour`` and ``release`` from its booted snapshot."""
+        return self._start([flavour], [name] if name else None, memory_mib, release)[0]
 
     def start_many(
-        self, flavours: Sequence[str], names: Sequence[str] | None = None
+        self,
+        flavours: Sequence[str],
+        names: Sequence[str] | None = None,
+        release: str = PRIMARY_RELEASE,
     ) -> dict[str, Guest]:
-        """Start pristine guests in parallel; return them by name (default: their flavour)."""
-        return {guest.name: guest for guest in self._start(flavours, names, None)}
+        """Start pristine guests of ``release`` in parallel; return them by name (default: their
+        flavour)."""
+        return {guest.name: guest for guest in self._start(flavours, names, None, release)}
 
     def _start(
-        self, flavours: Sequence[str], names: Sequence[str] | None, memory_mib: int | None
+        self,
+        flavours: Sequence[str],
+        names: Sequence[str] | None,
+        memory_mib: int | None,
+        release: str,
     ) -> list[Guest]:
-        """Restore guests of ``flavours`` in parallel from their snapshots."""
+        """Restore guests of ``flavours`` and ``release`` in parallel from their snapshots."""
         memory = memory_mib or self.memory_mib
         for flavour in flavours:
             if flavour not in FLAVOURS:
                 raise ValueError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
-        self.ensure_snapshots(flavours, memory)
+        self.ensure_snapshots(flavours, memory, release)
         guests = [
-            self._new_guest(flavour, name, memory)
+            self._new_guest(flavour, name, memory, release)
             for flavour, name in zip(flavours, names or self._default_names(flavours), strict=True)
         ]
         try:
-            parallel(lambda g: g.restore(self.snapshot_path(g.flavour, memory)), guests)
+            parallel(lambda g: g.restore(self.snapshot_path(g.flavour, memory, release)), guests)
         except BaseException:
             self.release(guests)  # kept with ``keep``: a failed restore is worth a look
             raise
@@ -338,7 +359,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def parallel(func: Callable[[Any], None], items: Sequence[Any]) -> None:
+def parallel(func: Callable[[Any], object], items: Sequence[Any]) -> None:
     """Run ``func`` over ``items`` in threads; re-raise the first failure after all finish."""
     if len(items) <= 1:
         for item in items:

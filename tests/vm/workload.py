@@ -1,6 +1,8 @@
 """Guest-side KSM workload: identical private pages marked mergeable, held until killed."""
 
-# Runs with the guest's python3 (stdlib only). Usage: workload.py MIB [PIDFILE] [LIFETIME_S]
+# Runs with the guest's python3 (stdlib only). Usage: workload.py MIB [PIDFILE] [LIFETIME_S] [FILL]
+# (FILL: the byte value every page holds, 0-255; 0 gives zero pages, for use_zero_pages). Later
+# arguments that are not digits are ignored: tests/integration/test_vms.py appends QEMU's.
 
 from __future__ import annotations
 
@@ -10,18 +12,18 @@ import signal
 import sys
 import time
 
-FILL_BYTE = b"\x5a"  # non-zero: zero pages take another path (use_zero_pages) on newer kernels
+FILL_BYTE = 0x5A  # non-zero: zero pages take another path (use_zero_pages)
 CHUNK = 1024 * 1024
 DEFAULT_LIFETIME_S = 3600
 
 
-def allocate(mib: int) -> mmap.mmap:
-    """Map ``mib`` MiB of private anonymous memory, fill it identically, mark it mergeable."""
+def allocate(mib: int, fill: int = FILL_BYTE) -> mmap.mmap:
+    """Map ``mib`` MiB of private anonymous memory, fill it with ``fill``, mark it mergeable."""
     size = mib * 1024 * 1024
     # MAP_PRIVATE is essential: KSM silently ignores MADV_MERGEABLE on shared mappings,
     # and mmap.mmap(-1, n) is MAP_SHARED by default.
     area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    chunk = FILL_BYTE * CHUNK
+    chunk = bytes([fill]) * CHUNK
     for offset in range(0, size, CHUNK):
         area[offset : offset + CHUNK] = chunk[: size - offset]
     area.madvise(mmap.MADV_MERGEABLE)
@@ -33,8 +35,9 @@ def main(argv: list[str]) -> int:
     mib = int(argv[1]) if len(argv) > 1 else 64
     pidfile = argv[2] if len(argv) > 2 else ""
     lifetime = float(argv[3]) if len(argv) > 3 else DEFAULT_LIFETIME_S
+    fill = int(argv[4]) if len(argv) > 4 and argv[4].isdigit() else FILL_BYTE
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
-    area = allocate(mib)
+    area = allocate(mib, fill)
     if pidfile:
         with open(pidfile, "w") as handle:
             handle.write(f"{os.getpid()}\n")
