@@ -21,7 +21,7 @@ from tests.vm.util import VmError
 ROOT = Path(__file__).resolve().parents[1]
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKsmguardtestkey ksm-guard-tests\n"
 QEMU_VERSION = "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"
-BOOKWORM_KEY_BEFORE_RELEASES = "6f095e8a837c2ced"
+BOOKWORM_KEY_BEFORE_RELEASES = "d9dd6ba7906b4664"
 UNRELATED_CODE = '''
 
 # A helper nobody calls, as a later edit might add.
@@ -90,7 +90,7 @@ def test_each_release_has_its_own_key() -> None:
 
 def test_bookworm_key_is_the_one_before_releases() -> None:
     """Adding trixie left bookworm's recipe data as it was, so its cached images stay valid: the
-    key of branch ``harness`` (866dae7) for this suite key and QEMU version."""
+    key of main before the merge of trixie (c26d2a7) for this suite key and QEMU version."""
     assert recipe.recipe_key("bookworm", PUBKEY, QEMU_VERSION) == BOOKWORM_KEY_BEFORE_RELEASES
 
 

@@ -234,7 +234,8 @@ def recipe_data(release: str) -> dict[str, Any]:
         "pruned_module_trees": PRUNED_MODULE_TREES,
         "masked_units": MASKED_UNITS,
         "base_files": BASE_FILES,
-        "release_files": RELEASE_FILES.get(release, {}),
+        # only where there are some: a release without leaves its key as it was
+        **({"release_files": RELEASE_FILES[release]} if release in RELEASE_FILES else {}),
         "pam_sshd_disabled": PAM_SSHD_DISABLED,
         "chroot_env": CHROOT_ENV,
         "pve_unit": PVE_KSMTUNED_UNIT,
