@@ -122,6 +122,11 @@ def n_plus_1_text(check: NPlusOne | None, min_headroom: float) -> str:
     )
 
 
+def outcome_lines(plan: CapacityPlan) -> list[str]:
+    """Each pool's outcome and N+1 line; with one pool, its N+1 line (the summary says the rest)."""
+    return pool_lines(plan) or [n_plus_1_line(plan)]
+
+
 def pool_lines(plan: CapacityPlan) -> list[str]:
     """With several pools, each pool's outcome and N+1 line (moves never leave a pool)."""
     if len(plan.pools) < 2:
@@ -158,7 +163,8 @@ def outlook(plan: CapacityPlan) -> str:
     left = sum(host.now.left for host in hosts)
     unsafe = sum(not host.safe_now for host in hosts)
     unread = f", {len(plan.unread)} unread" if plan.unread else ""
-    where = f"fleet of {len(plan.pools)} pools" if len(plan.pools) > 1 else "pool"
+    fleet = len(plan.pools) > 1
+    where = f"fleet of {len(plan.pools)} pools" if fleet else "pool"
     text = (
         f"{where}: {len(hosts)} host(s){unread}, {unsafe} unsafe as they are; "
         f"RAM {human_bytes(total)}, available {human_bytes(sum(h.now.available for h in hosts))}, "
@@ -174,7 +180,7 @@ def outlook(plan: CapacityPlan) -> str:
         blocked = [host.host for host in short if host.missing is None]
         if lacking:
             text += (
-                f"; the {'fleet' if len(plan.pools) > 1 else 'pool'} cannot absorb it: "
+                f"; the {'fleet' if fleet else 'pool'} cannot absorb it: "
                 f"{human_bytes(plan.missing)} of RAM missing "
                 f"({', '.join(lacking)})"
             )
@@ -226,9 +232,7 @@ def table(plan: CapacityPlan, code: int) -> str:
     found = notes(plan)
     if found:
         lines += ["", *found]
-    pools = pool_lines(plan)
-    closing = pools or [n_plus_1_line(plan)]
-    return "\n".join([*lines, "", *closing, summary_line(plan, code)])
+    return "\n".join([*lines, "", *outcome_lines(plan), summary_line(plan, code)])
 
 
 def _figures(memory: Memory, host: HostCapacity) -> dict[str, Any]:

@@ -18,10 +18,9 @@ from .capacity_render import (
     command_line,
     grid,
     move_line,
-    n_plus_1_line,
     notes,
+    outcome_lines,
     outlook,
-    pool_lines,
     search_words,
 )
 from .evidence import CONTROLS, JSON_FILE, JUNIT_FILE, SUMS_FILE
@@ -451,8 +450,7 @@ def _capacity(report: Report) -> str:
         parts.append(
             f"<h3>Proposed moves ({escape(search_words(plan))})</h3><ul>{''.join(items)}</ul>"
         )
-    lines = [*notes(plan), *(pool_lines(plan) or [n_plus_1_line(plan)])]
-    lines.append(outlook(plan))
+    lines = [*notes(plan), *outcome_lines(plan), outlook(plan)]
     parts.append("".join(f"<p>{escape(line.strip())}</p>" for line in lines))
     return "".join(parts) + "</section>"
 

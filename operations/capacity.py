@@ -923,27 +923,25 @@ def pool_key(audit: Mapping[str, object]) -> PoolKey | None:
     return PoolKey(None, node) if node is not None else None
 
 
-def node_source(audit: Mapping[str, object]) -> str | None:
-    """Where ``node_name`` found the name: ``cluster``, ``hostname``, or None (no name)."""
-    if node_name(audit) is None:
-        return None
-    return "cluster" if _membership(audit)[1] is not None else "hostname"
-
-
-def node_name(audit: Mapping[str, object]) -> str | None:
+def node_of(audit: Mapping[str, object]) -> tuple[str | None, str | None]:
     """
-    The host's Proxmox VE node name: the ``nodename`` of its ``/etc/pve/.members``
-    (``cluster.node``), else its own hostname (``evidence.hostname``, in a report's audits) up
-    to the first dot, as Proxmox VE names nodes. None when absent or not a name.
+    The host's Proxmox VE node name and where it was found: the ``nodename`` of its
+    ``/etc/pve/.members`` (``cluster.node``: ``cluster``), else its own hostname
+    (``evidence.hostname``, in a report's audits) up to the first dot, as Proxmox VE names nodes
+    (``hostname``). (None, None) when absent or not a name.
     """
     _, node = _membership(audit)
     if node is not None:
-        return node
+        return node, "cluster"
     evidence = audit.get("evidence")
     hostname = evidence.get("hostname") if isinstance(evidence, Mapping) else None
-    if not isinstance(hostname, str):
-        return None
-    return hostname.strip().split(".")[0] or None
+    name = hostname.strip().split(".")[0] if isinstance(hostname, str) else ""
+    return (name, "hostname") if name else (None, None)
+
+
+def node_name(audit: Mapping[str, object]) -> str | None:
+    """The host's Proxmox VE node name (``node_of``), None when the audit does not say it."""
+    return node_of(audit)[0]
 
 
 def vm_load(vm: Mapping[str, object], page_size: int, where: str) -> VmLoad:
@@ -976,6 +974,7 @@ def host_load(
     vms = audit.get("vms", [])
     if not isinstance(vms, list) or not all(isinstance(vm, Mapping) for vm in vms):
         raise CapacityInputError(f"{where}.vms must be a list of objects")
+    node, node_from = node_of(audit)
     return HostLoad(
         host=host,
         mem_total=mem_total,
@@ -986,8 +985,8 @@ def host_load(
         max_fraction=float(fraction),
         vms=tuple(vm_load(vm, page_size, f"{where}.vms[{index}]") for index, vm in enumerate(vms)),
         blocked=blocked,
-        node=node_name(audit),
-        node_from=node_source(audit),
+        node=node,
+        node_from=node_from,
     )
 
 
