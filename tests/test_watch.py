@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -158,3 +158,28 @@ def test_the_cli_options_set_the_host_data(
 
     request = Request(mode=Mode.DISABLE, **options)  # type: ignore[arg-type]
     assert request.override_data() == {"ksm_mode": "disable", **data}
+
+
+@pytest.mark.parametrize("flag", ["--dry-run", "--yes"])
+def test_a_bad_watch_setting_refuses_the_host_in_dry_and_real_runs(
+    flag: str, write_inventory: Any
+) -> None:
+    """disable --watch with ksm_watch_interval=5: refused as bad settings, exit 1, the same line
+    in the dry run and the real run; nothing of the watch is written."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ksm_guard.cli.app import app
+    from ksm_guard.operations.watch import FILES as WATCH_FILES
+
+    inventory = write_inventory("hosts = [('@local', {'ksm_watch_interval': '5'})]\n")
+    result = CliRunner().invoke(app, ["disable", "--watch", flag, "-i", inventory, "-o", "json"])
+    host = json.loads(result.stdout)["hosts"][0]
+    assert (result.exit_code, host["status"]) == (1, "refused"), result.output
+    assert host["refusal"]["code"] == "bad-settings"
+    assert (
+        "ksm_watch_interval must be whole seconds from 10 to 86400, not '5'"
+        in (host["refusal"]["reason"])
+    )
+    assert not any(Path(path).exists() for path in WATCH_FILES)
