@@ -237,7 +237,7 @@ def _execute(
 ) -> None:
     from ksm_guard.operations.model import Mode
 
-    from . import interrupt, prometheus, render
+    from . import interrupt, prometheus, prompt, render
     from .engine import (
         EXIT_UNREACHABLE,
         EXIT_USAGE,
@@ -257,11 +257,8 @@ def _execute(
             return True
         _err(render.plan_text(plan))
         question = f"Apply '{mode}' to {len(plan.pending)} host(s)?"
-        try:
-            with interrupt.saying("ksm-guard: interrupted at the prompt; nothing changed"):
-                return typer.confirm(question, default=False, err=True)
-        except typer.Abort:  # end of input (Ctrl-D): no answer is no
-            return False
+        with interrupt.saying("ksm-guard: interrupted at the prompt; nothing changed"):
+            return prompt.confirm(question, say=_err)  # end of input (Ctrl-D) is no
 
     terminal = sys.stderr.isatty()
     echo = _err if verbose else None
