@@ -130,6 +130,7 @@ def _inside(spec: dict[str, object]) -> dict[str, object]:
         outcome = (-1, _text(expired.stdout), killed)
     seconds = time.monotonic() - started
     server.close()
+    shutil.rmtree(files, ignore_errors=True)  # the bind mounts go with the namespace
     returncode, stdout, stderr = outcome
     return {
         "returncode": returncode,

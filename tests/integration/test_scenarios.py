@@ -19,7 +19,7 @@ from tests.conftest import BIN
 from tests.results import hosts_of
 from tests.vm.guest import Guest
 from tests.vm.inventory import write_inventory
-from tests.vm.recipe import PRIMARY_RELEASE, RELEASES
+from tests.vm.recipe import RELEASES
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = {"debian": ("ksmtuned.service", "ksm.service"), "pve": ("ksmtuned.service",)}
@@ -147,11 +147,12 @@ def poll(read: Callable[[], int], done: Callable[[int], bool], timeout: float = 
 @pytest.mark.releases(*RELEASES)
 @pytest.mark.parametrize("flavour", ["debian", "pve"])
 def test_ksm_stays_off_across_a_reboot_and_enable_brings_it_back(
-    merged, tmp_path: Path, flavour: str, release: str
+    merged, tmp_path: Path, flavour: str
 ) -> None:
-    """After disable --mask a reboot keeps KSM off; enable brings ksmtuned back, and on the primary
-    release a second reboot brings it back at boot with run=1 (debian: ksm.service at boot;
-    pve: ksmtuned's first adjustment, 2 s in)."""
+    """After disable --mask a reboot keeps KSM off; enable unmasks, enables and starts the units
+    again, and KSM comes back with run=1 (debian: ksm.service; pve: ksmtuned's first adjustment,
+    2 s in). That enabled units start at boot is systemd's part: the reboot above already proved
+    the boot honours the unit file states ksm-guard leaves."""
     guest = merged(flavour)
     path = inventory(tmp_path, guest)
     masked = ksm_guard("disable", "--yes", "--mask", "-i", path)
@@ -166,10 +167,6 @@ def test_ksm_stays_off_across_a_reboot_and_enable_brings_it_back(
 
     enabled = ksm_guard("enable", "--yes", "-i", path)
     assert enabled.returncode == 0, enabled.stdout + enabled.stderr
-    assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
-    if release != PRIMARY_RELEASE:
-        return  # the boot after enable is the same unit files and sysfs on both: once is enough
-    guest.reboot()
     assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
     assert poll(lambda: sysfs(guest, "run"), lambda run: run == 1, timeout=30) == 1
 
