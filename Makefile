@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 audit: $(STAMP)
 	$(BIN)/ksm-guard audit || [ $$? -eq 1 ]
 
-## test: lint, unit and CLI tests, the local real-KSM tests, then the QEMU VM suite
-test: lint test-unit test-real test-install test-vm
+## test: lint, unit and CLI tests, the local real-KSM tests, the wheel, then the QEMU VM suite;
+## the VM images and snapshots are built in the background meanwhile (scripts/test-all.sh)
+test: $(STAMP) test-deps
+	MAKE="$(MAKE)" BIN=$(BIN) scripts/test-all.sh
 
 ## test-unit: fixture and CLI tests; no VMs; three pytest processes at once (scripts/test-unit.sh)
 test-unit: $(STAMP) test-deps
@@ -39,7 +41,7 @@ test-install: $(STAMP)
 VM_WORKERS ?= 2
 test-vm: $(STAMP) test-deps
 	$(BIN)/python -m tests.vm build
-	$(PYTEST) tests/integration -n $(VM_WORKERS) --dist loadgroup
+	$(PYTEST) tests/integration -n $(VM_WORKERS) --dist loadgroup --durations=25
 
 ## test-deps: Debian packages the tests need (sshd for the loopback fleet, QEMU for the VMs,
 ## Chromium to render the report page, promtool and Prometheus for the alert rules, shellcheck)

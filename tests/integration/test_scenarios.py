@@ -17,7 +17,7 @@ import pytest
 from bench.netutil import free_port
 from tests.conftest import BIN
 from tests.results import hosts_of
-from tests.vm.guest import Guest
+from tests.vm.guest import LARGE_MEMORY_MIB, SMALL_MEMORY_MIB, Guest
 from tests.vm.inventory import write_inventory
 from tests.vm.recipe import RELEASES
 
@@ -227,7 +227,7 @@ def test_sudo_refused_is_an_error_and_nothing_changes(merged, tmp_path: Path) ->
 
 def test_unsafe_unmerge_is_refused_then_forced(merged, tmp_path: Path) -> None:
     """Merged set above half of MemAvailable: refused with both figures; --force unmerges."""
-    guest = merged("debian", mib=400, memory_mib=768)
+    guest = merged("debian", mib=400, memory_mib=SMALL_MEMORY_MIB)
     path = inventory(tmp_path, guest)
     sharing = sysfs(guest, "pages_sharing")
     refused = ksm_guard("unmerge", "--yes", "-i", path, "-o", "json")
@@ -267,7 +267,7 @@ def _wait_unmerge_started(guest: Guest, timeout: float = 120) -> None:
 
 def _unmerge_under_way(merged, tmp_path: Path) -> tuple[Guest, str, subprocess.Popen[str]]:
     """A disabled debian guest with 384 MiB merged and `ksm-guard unmerge` in mid-write."""
-    guest = merged("debian", mib=384, memory_mib=1536)
+    guest = merged("debian", mib=384, memory_mib=LARGE_MEMORY_MIB)
     path = inventory(tmp_path, guest)
     assert ksm_guard("disable", "--yes", "-i", path).returncode == 0
     controller = subprocess.Popen(

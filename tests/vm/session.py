@@ -30,14 +30,23 @@ from tests.vm.guest import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_VCPUS,
     KSM_SYSFS,
+    LARGE_MEMORY_MIB,
+    SMALL_MEMORY_MIB,
     Guest,
     bounded_poll,
 )
 from tests.vm.qemu import SNAPSHOT_TAG, hmp, pid_alive, process_start, terminate
-from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, check_release
+from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, RELEASES, check_release
 from tests.vm.util import VmError, log, run, timed
 
 SESSION_PREFIX = "ksm-guard-vms-"
+# The booted snapshots the integration suite restores, as (release, memory MiB, flavours):
+# ``python -m tests.vm build --snapshots`` makes them before the suite needs them.
+SUITE_SNAPSHOTS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
+    *((release, DEFAULT_MEMORY_MIB, FLAVOURS) for release in RELEASES),
+    (PRIMARY_RELEASE, SMALL_MEMORY_MIB, ("debian",)),
+    (PRIMARY_RELEASE, LARGE_MEMORY_MIB, ("debian",)),
+)
 KEEP_ENV = "KSM_GUARD_KEEP_VMS"
 
 # The snapshot key covers SNAPSHOT_VERSION, the machine's command line and SNAPSHOT_STEPS: bump
