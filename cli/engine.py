@@ -348,7 +348,7 @@ def read_sharing_host(state: State, host: Host, reading: Reading) -> None:
         return
     pids = sorted(vm["pid"] for vm in host_state["vms"])  # pairs come back lower pid first
     if not pids:
-        sharing.apply_scan(host_state, sharing.parse_scan(["## tenants", "## scan"]))
+        sharing.apply_scan(host_state, sharing.empty_scan())  # no VM: no command
         return
     command = sharing.sharing_command(host_state["page_size"], pids)
     try:

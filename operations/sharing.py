@@ -112,11 +112,14 @@ def parse_tags(lines: list[str]) -> dict[str, list[str]]:
     return tags
 
 
+def empty_scan() -> Scan:
+    """The scan of a host without running VMs: nothing shared, nothing read."""
+    return {"error": None, "vms": {}, "pairs": {}, "cpu_seconds": 0.0, "pools": {}, "tags": {}}
+
+
 def parse_scan(lines: list[str]) -> Scan:
     """The sharing command's output. Raises FactProcessError on a line it cannot print."""
-    scan: Scan = {
-        "error": None, "vms": {}, "pairs": {}, "cpu_seconds": 0.0, "pools": {}, "tags": {},
-    }  # fmt: skip
+    scan = empty_scan()
     part = None
     tenant_lines: dict[str, list[str]] = {"pool": [], "conf": []}
     for line in lines:
