@@ -25,10 +25,6 @@ RESTORE_TIMEOUT_S = 90.0
 # 90 s (the same snapshots restored at once in 22 s right after): a second attempt, logged.
 RESTORE_ATTEMPTS = 2
 DEFAULT_MEMORY_MIB = 1024
-# The other guest sizes the integration suite boots (debian, primary release): a merged set above
-# half of MemAvailable for the memory refusal, and room for a 384 MiB unmerge to take a while.
-SMALL_MEMORY_MIB = 768
-LARGE_MEMORY_MIB = 1536
 DEFAULT_VCPUS = 2
 # TCG cold boots in parallel thrash 2 host cores (3 at once: 120 s each instead of 25 s).
 COLD_BOOT_SLOTS = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) // DEFAULT_VCPUS))
