@@ -12,25 +12,24 @@ from collections.abc import Sequence
 from tests.vm.guest import DEFAULT_MEMORY_MIB
 from tests.vm.inventory import write_inventory
 from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, RELEASES
-from tests.vm.session import SUITE_SNAPSHOTS, VmSession, parallel, reap_stale_sessions
+from tests.vm.session import VmSession, parallel, reap_stale_sessions
 from tests.vm.util import timed
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    """Build or reuse the images of each release side by side (and optionally the snapshots the
-    suite restores), print where they are."""
+    """Build or reuse the images of each release side by side (and optionally the booted snapshots
+    of every flavour: at the default size, all the suite restores), print where they are."""
     timings: dict[str, float] = {}
     releases = args.release or list(RELEASES)
-    with VmSession() as session:
+    with VmSession(memory_mib=args.memory) as session:
         with timed(f"ensure images of {', '.join(releases)}", timings):
             parallel(session.images, releases)
         for release in releases:
             print(f"{release}: {session.images(release).root}")
         if args.snapshots:
             with timed("ensure snapshots", timings):
-                for release, memory_mib, flavours in SUITE_SNAPSHOTS:
-                    if release in releases:
-                        session.ensure_snapshots(flavours, memory_mib, release)
+                for release in releases:
+                    session.ensure_snapshots(FLAVOURS, args.memory, release)
             print(f"accel: {session.accel}")
     print(json.dumps(timings))
     return 0
@@ -59,7 +58,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     """Capture KsmHost fixtures from the release's debian and pve guests (tests/vm/capture.py)."""
     from tests.vm.capture import capture
 
-    with VmSession() as session:
+    with VmSession(memory_mib=args.memory) as session:
         for path in capture(session, args.release):
             print(path)
     return 0
@@ -79,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument(
         "--snapshots", action="store_true", help="also create the booted snapshots the suite uses"
     )
+    build.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MIB, help="guest MiB")
     build.add_argument(
         "--release", action="append", choices=RELEASES, help="repeatable (default: all)"
     )

@@ -34,17 +34,10 @@ from tests.vm.guest import (
     bounded_poll,
 )
 from tests.vm.qemu import SNAPSHOT_TAG, hmp, pid_alive, process_start, terminate
-from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, RELEASES, check_release
+from tests.vm.recipe import FLAVOURS, PRIMARY_RELEASE, check_release
 from tests.vm.util import VmError, log, run, timed
 
 SESSION_PREFIX = "ksm-guard-vms-"
-# The booted snapshots the integration suite restores, as (release, memory MiB, flavours): every
-# flavour of every release at one size (a test that needs less MemAvailable holds memory in the
-# guest instead: another size would be another snapshot to boot and save). ``python -m tests.vm
-# build --snapshots`` makes them before the suite needs them.
-SUITE_SNAPSHOTS: tuple[tuple[str, int, tuple[str, ...]], ...] = tuple(
-    (release, DEFAULT_MEMORY_MIB, FLAVOURS) for release in RELEASES
-)
 KEEP_ENV = "KSM_GUARD_KEEP_VMS"
 
 # The snapshot key covers SNAPSHOT_VERSION, the machine's command line and SNAPSHOT_STEPS: bump
