@@ -19,7 +19,7 @@ audit: $(STAMP)
 test: $(STAMP) test-deps
 	MAKE="$(MAKE)" BIN=$(BIN) scripts/test-all.sh
 
-## test-unit: fixture and CLI tests; no VMs; three pytest processes at once (scripts/test-unit.sh)
+## test-unit: fixture and CLI tests; no VMs; six pytest processes at once (scripts/test-unit.sh)
 test-unit: $(STAMP) test-deps
 	PYTEST=$(PYTEST) scripts/test-unit.sh
 
