@@ -116,6 +116,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.vm)
+            item.user_properties.append(("release", _release_of(item)))  # reports carry it
             group = item.get_closest_marker("xdist_group")
             if "fleet" in getattr(item, "fixturenames", ()):
                 name = "fleet"
@@ -125,6 +126,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 continue
             grouped = pytest.mark.xdist_group(f"{name}-{_release_of(item)}")
             item.add_marker(grouped, append=False)  # the closest mark: the one xdist reads
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line: the VM tests of each release, how many and their time (setup, call and
+    teardown summed over the workers), for the README's table."""
+    totals: dict[str, tuple[int, float]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            release = dict(getattr(report, "user_properties", ())).get("release")
+            if not isinstance(report, pytest.TestReport) or release is None:
+                continue
+            count, seconds = totals.get(release, (0, 0.0))
+            totals[release] = (count + (report.when == "call"), seconds + report.duration)
+    if totals:
+        terminalreporter.write_line(
+            "VM tests by release (test time summed over the workers): "
+            + "; ".join(f"{name} {n} tests, {s:.0f} s" for name, (n, s) in sorted(totals.items()))
+        )
 
 
 def _keep_vms(config: pytest.Config) -> bool:
