@@ -134,8 +134,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     totals: dict[str, tuple[int, float]] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
-            release = dict(getattr(report, "user_properties", ())).get("release")
-            if not isinstance(report, pytest.TestReport) or release is None:
+            if not isinstance(report, pytest.TestReport):
+                continue  # warnings and collection reports
+            release = str(dict(report.user_properties).get("release", ""))
+            if not release:
                 continue
             count, seconds = totals.get(release, (0, 0.0))
             totals[release] = (count + (report.when == "call"), seconds + report.duration)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.test_scenarios import inventory, ksm_guard
 from tests.results import hosts_of
-from tests.vm.guest import WORKLOAD_SCRIPT, Guest
+from tests.vm.guest import Guest
 from tests.vm.session import VmSession
 
 pytestmark = pytest.mark.xdist_group("sharing-vm")
@@ -27,6 +27,7 @@ MIB = 8
 PAGE = 4096
 PAGES = MIB * 1024 * 1024 // PAGE
 WORKLOADS = {"twin-a": "pages:7", "twin-b": "pages:7", "loner": "51"}
+KVM = "/usr/local/lib/fake-qemu/kvm"  # a copy of python3: the audit knows QEMU by its name
 
 
 class Scanned:
@@ -48,36 +49,25 @@ class Scanned:
 
 def _start(guest: Guest) -> dict[str, int]:
     """The three workloads, merged by ksmd, then frozen (run=0); their pids by name."""
-    guest.ssh(
-        'mkdir -p /usr/local/lib/fake-qemu && cp "$(readlink -f /usr/bin/python3)"'
-        " /usr/local/lib/fake-qemu/kvm && cat > /var/tmp/workload.py",
-        input=WORKLOAD_SCRIPT.read_text(),
-    )
-    for name, fill in WORKLOADS.items():
-        guest.ssh(
-            f"cd /; nohup setsid /usr/local/lib/fake-qemu/kvm /var/tmp/workload.py {MIB}"
-            f" /run/{name}.pid 3600 {fill} -name {name} >/run/{name}.log 2>&1 </dev/null &"
-        )
-    pids = " ".join(f"/run/{name}.pid" for name in WORKLOADS)
-    guest.ssh(
-        f"for i in $(seq 300); do cat {pids} >/dev/null 2>&1 && break; sleep 0.2; done;"
-        " k=/sys/kernel/mm/ksm; echo 10000 > $k/pages_to_scan; echo 10 > $k/sleep_millisecs;"
-        " echo 1 > $k/run",
-        timeout=90,
-    )
+    guest.ssh(f'mkdir -p {KVM.rpartition("/")[0]} && cp "$(readlink -f /usr/bin/python3)" {KVM}')
+    pids = {
+        name: guest.launch_workload(MIB, fill, program=KVM, args=f"-name {name}")
+        for name, fill in WORKLOADS.items()
+    }
+    guest.run_ksm_fast()
     # Every page of both twins merged, the loner's nearly all; then ksmd stops and the pages
     # stay as they are.
     merged = " && ".join(
-        f'[ "$(cat /proc/$(cat /run/{name}.pid)/ksm_merging_pages)" -ge'
+        f'[ "$(cat /proc/{pids[name]}/ksm_merging_pages)" -ge'
         f" {PAGES if fill.startswith('pages:') else PAGES * 9 // 10} ]"
         for name, fill in WORKLOADS.items()
     )
     guest.ssh(
         f"for i in $(seq 600); do if {merged}; then echo 0 > /sys/kernel/mm/ksm/run; exit 0; fi;"
-        " sleep 0.1; done; grep -H . /run/*.log /sys/kernel/mm/ksm/*; exit 1",
+        " sleep 0.1; done; grep -H . /sys/kernel/mm/ksm/*; exit 1",
         timeout=120,
     )
-    return {name: int(guest.ssh(f"cat /run/{name}.pid").stdout) for name in WORKLOADS}
+    return pids
 
 
 @pytest.fixture(scope="module")

@@ -64,16 +64,10 @@ class Stand:
         """The value of an instant query with one series, waiting for the series: a scrape of
         the TCG guest can fail or time out now and then (2 s), and Prometheus then marks the
         guest's series stale until the next scrape that succeeds."""
-        found: list[float] = []
-
-        def present() -> bool:
-            value = self.sample(expr)
-            if value is not None:
-                found.append(value)
-            return value is not None
-
-        self.server.wait(f"a series for {expr}", present, BOUND, every=1)
-        return found[-1]
+        result = self.server.wait(
+            f"a series for {expr}", lambda: self.server.query(expr), BOUND, every=1
+        )
+        return float(result[0]["value"][1])
 
     def wait_value(self, expr: str, want: float) -> None:
         self.server.wait(f"{expr} == {want}", lambda: self.sample(expr) == want, BOUND, every=1)

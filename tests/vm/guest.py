@@ -322,15 +322,24 @@ class Guest:
 
     # --- KSM workload ---
 
-    def launch_workload(self, mib: int = 64, fill: int = 0x5A, timeout: float = 60.0) -> int:
-        """Start a workload of ``mib`` MiB of ``fill`` bytes marked mergeable; wait until it
-        holds its memory; return its pid."""
+    def launch_workload(
+        self,
+        mib: int = 64,
+        fill: int | str = 0x5A,
+        timeout: float = 60.0,
+        program: str = "python3",
+        args: str = "",
+    ) -> int:
+        """Start a workload of ``mib`` MiB of ``fill`` (workload.py's FILL) marked mergeable,
+        run by ``program`` (a python3, maybe copied under a QEMU name) with ``args`` after its
+        own (ignored by it: e.g. QEMU's ``-name``); wait until it holds its memory; return its
+        pid."""
         self.ssh(f"cat > {GUEST_WORKLOAD_PATH}", input=WORKLOAD_SCRIPT.read_text())
         tag = f"/run/ksm-guard-workload-{self._workloads}"
         self._workloads += 1
         self.ssh(
-            f"nohup setsid python3 {GUEST_WORKLOAD_PATH} {mib} {tag}.pid {LIFETIME_S} {fill}"
-            f" >{tag}.log 2>&1 </dev/null &"
+            f"nohup setsid {program} {GUEST_WORKLOAD_PATH} {mib} {tag}.pid {LIFETIME_S} {fill}"
+            f" {args} >{tag}.log 2>&1 </dev/null &"
         )
         self._await(
             f"grep -qx ready {tag}.log",
