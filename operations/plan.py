@@ -43,7 +43,16 @@ from .report import (
     unmerge_allowed_bytes,
     unmerge_need_bytes,
 )
-from .watch import FILES, SCRIPT_PATH, SERVICE, STATE_PATH, TIMER, TIMER_PATH, WatchConfig
+from .watch import (
+    FILES,
+    SCRIPT_PATH,
+    SERVICE,
+    SERVICE_PATH,
+    STATE_PATH,
+    TIMER,
+    TIMER_PATH,
+    WatchConfig,
+)
 from .watchscript import watch_files
 
 # The unmerge runs detached from the SSH session: a dropped connection (SIGHUP) must not
@@ -323,6 +332,8 @@ def watch_installed(state: HostState, present: bool | None, config: WatchConfig)
             return PartPlan(Part.WATCH, noop="drift watch is not installed")
         commands = [
             *([Command(("systemctl", "disable", "--now", TIMER))] if TIMER_PATH in files else []),
+            # A run in progress would write the metrics again after the rm: stop it first.
+            *([Command(("systemctl", "stop", SERVICE))] if SERVICE_PATH in files else []),
             Command(("rm", "-f", *FILES, STATE_PATH, *([textfile] if textfile else []))),
             Command(("systemctl", "daemon-reload")),
         ]

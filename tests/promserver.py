@@ -83,20 +83,37 @@ class Prometheus:
             if found:
                 return found
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s")
+                raise AssertionError(f"{what}: not within {timeout} s; {self.scrapes()}")
             time.sleep(every)
+
+    def scrapes(self) -> str:
+        """Each target's last scrape, for a failure message: health, duration, error."""
+        targets = self.api("targets")["activeTargets"]
+        return "; ".join(
+            f"{target['scrapeUrl']} {target['health']} "
+            f"({target['lastScrapeDuration']:.2f} s{', ' + target['lastError'] if target['lastError'] else ''})"
+            for target in targets
+        ) or "no targets"
 
 
 @contextmanager
 def prometheus(
-    workdir: Path, targets: list[str], rule_files: list[Path], interval: str = "1s"
+    workdir: Path,
+    targets: list[str],
+    rule_files: list[Path],
+    interval: str = "1s",
+    collectors: list[str] | None = None,
 ) -> Iterator[Prometheus]:
-    """Prometheus scraping ``targets`` (job ``node``) every ``interval``, with ``rule_files``."""
+    """Prometheus scraping ``targets`` (job ``node``) every ``interval``, with ``rule_files``;
+    ``collectors`` asks node_exporter for those collectors only (its ``collect[]`` parameter)."""
     port = free_port()
+    job: dict[str, Any] = {"job_name": "node", "static_configs": [{"targets": targets}]}
+    if collectors:
+        job["params"] = {"collect[]": collectors}
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [{"job_name": "node", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": [job],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = workdir / "prometheus.log"

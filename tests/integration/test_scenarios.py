@@ -168,7 +168,7 @@ def test_ksm_stays_off_across_a_reboot_and_enable_brings_it_back(
     enabled = ksm_guard("enable", "--yes", "-i", path)
     assert enabled.returncode == 0, enabled.stdout + enabled.stderr
     assert unit_state(guest, "ksmtuned.service") == ("enabled", "active")
-    assert poll(lambda: sysfs(guest, "run"), lambda run: run == 1, timeout=30) == 1
+    assert poll(lambda: sysfs(guest, "run"), lambda run: run == 1, timeout=120) == 1
 
 
 # 6. A host without ksmtuned -------------------------------------------------------------------

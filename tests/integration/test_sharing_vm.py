@@ -63,9 +63,9 @@ def _start(guest: Guest) -> dict[str, int]:
         for name, fill in WORKLOADS.items()
     )
     guest.ssh(
-        f"for i in $(seq 600); do if {merged}; then echo 0 > /sys/kernel/mm/ksm/run; exit 0; fi;"
+        f"for i in $(seq 1800); do if {merged}; then echo 0 > /sys/kernel/mm/ksm/run; exit 0; fi;"
         " sleep 0.1; done; grep -H . /sys/kernel/mm/ksm/*; exit 1",
-        timeout=120,
+        timeout=300,
     )
     return pids
 

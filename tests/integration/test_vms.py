@@ -78,10 +78,10 @@ def node(vm_session: VmSession, release: str) -> Iterator[Guest]:
         )
         pages = MIB * 1024 * 1024 // 4096
         guest.ssh(
-            "for i in $(seq 600); do grep -qx ready /var/tmp/kvm.log && p=$(cat "
+            "for i in $(seq 1800); do grep -qx ready /var/tmp/kvm.log && p=$(cat "
             "/var/run/qemu-server/100.pid) && [ $(cat /proc/$p/ksm_merging_pages) -ge "
             f"{pages * 9 // 10} ] && exit 0; sleep 0.1; done; cat /var/tmp/kvm.log; exit 1",
-            timeout=90,
+            timeout=300,
         )
         yield guest
     finally:

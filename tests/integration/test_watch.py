@@ -1,5 +1,5 @@
 """
-The drift watch end to end, for real: a pve-flavoured Debian 12 guest with Debian's
+The drift watch end to end, for real: a pve-flavoured Debian 13 guest with Debian's
 prometheus-node-exporter, its port 9100 forwarded to loopback, scraped by a real Prometheus
 started here (127.0.0.1, 2 s scrape and evaluation, a copy of monitoring/'s rules with
 ``for: 0s``). The tests build on each other, in order, on one guest:
@@ -38,7 +38,10 @@ WATCH_FILES = (
     "/etc/systemd/system/ksm-guard-watch.timer",
 )
 PROM_FILE = "/var/lib/prometheus/node-exporter/ksm_guard.prom"
-BOUND = 60  # seconds for a scrape and an evaluation to show a change (2 s each)
+# Seconds for a scrape and an evaluation to show a change (2 s each). Generous: the TCG guest
+# is slow while ksmd merges in it (after `enable`), and a scrape that fails or times out leaves
+# `up` at 0 and the guest's series stale until the next one that succeeds.
+BOUND = 150
 
 
 class Stand:
@@ -116,7 +119,9 @@ def stand(vm_session: VmSession, tmp_path_factory: pytest.TempPathFactory) -> It
         inventory = str(write_inventory(work / "vms.py", [guest]))
         rules = short_rules(work / "rules.yml")
         target = f"127.0.0.1:{guest.metrics_port}"
-        with prometheus(work, [target], [rules], interval="2s") as server:
+        # Only the textfile collector: the alerts and the dashboard read ksm_guard_* and `up`,
+        # and a full node_exporter scrape of a busy TCG guest can outlast the 2 s timeout.
+        with prometheus(work, [target], [rules], interval="2s", collectors=["textfile"]) as server:
             yield Stand(guest, inventory, server)
     finally:
         vm_session.release([guest])

@@ -19,7 +19,7 @@ KSM_SYSFS = "/sys/kernel/mm/ksm"
 WORKLOAD_SCRIPT = Path(__file__).with_name("workload.py")
 GUEST_WORKLOAD_PATH = "/var/tmp/ksm-guard-workload.py"
 LIFETIME_S = 3600  # a forgotten workload frees its memory after an hour
-COLD_BOOT_TIMEOUT_S = 240.0
+COLD_BOOT_TIMEOUT_S = 420.0
 RESTORE_TIMEOUT_S = 90.0
 # Six restores at once on a loaded 2-core TCG host once left a guest without an SSH banner for
 # 90 s (the same snapshots restored at once in 22 s right after): a second attempt, logged.
