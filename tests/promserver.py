@@ -89,11 +89,14 @@ class Prometheus:
     def scrapes(self) -> str:
         """Each target's last scrape, for a failure message: health, duration, error."""
         targets = self.api("targets")["activeTargets"]
-        return "; ".join(
-            f"{target['scrapeUrl']} {target['health']} "
-            f"({target['lastScrapeDuration']:.2f} s{', ' + target['lastError'] if target['lastError'] else ''})"
-            for target in targets
-        ) or "no targets"
+        return (
+            "; ".join(
+                f"{target['scrapeUrl']} {target['health']} ({target['lastScrapeDuration']:.2f} s"
+                + (f", {target['lastError']})" if target["lastError"] else ")")
+                for target in targets
+            )
+            or "no targets"
+        )
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -272,6 +273,31 @@ def test_the_metrics_file_is_replaced_atomically(drifted: Host) -> None:
     """Only ksm_guard.prom is left in the textfile directory (the temp file was renamed)."""
     assert [path.name for path in drifted.textfile.parent.iterdir()] == [TEXTFILE_NAME]
     assert oct(drifted.textfile.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_run_stopped_mid_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    """SIGTERM to the run's process group (``systemctl stop``, as ``enable`` does before it deletes
+    the files) while the metrics are half written: exit 143, nothing left in the directory."""
+    state = yaml.safe_load((FACTS / "debian12_ksmtuned_running.yaml").read_text())["fact"]
+    host = Host(tmp_path, state, WatchConfig("pve1"))
+    # A chmod that hangs: the run is stopped after the temp file was written, before the rename.
+    (host.bin / "chmod").write_text('#!/bin/sh\ntouch "$(dirname "$0")/blocked"\nexec sleep 60\n')
+    (host.bin / "chmod").chmod(0o755)
+    env = {**os.environ, "PATH": f"{host.bin}:/usr/bin:/bin"}
+    run = subprocess.Popen(["/bin/sh", str(host.script)], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (host.bin / "blocked").exists():
+            assert time.monotonic() < deadline, "the run never reached its chmod"
+            time.sleep(0.05)
+        assert [path.name for path in host.textfile.parent.iterdir()] != []
+        os.killpg(run.pid, signal.SIGTERM)
+        assert run.wait(timeout=30) == 143
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert list(host.textfile.parent.iterdir()) == []
 
 
 def test_the_state_file_is_readable_by_all(drifted: Host) -> None:
