@@ -260,7 +260,10 @@ now=$(date +%s)
 mkdir -p "$textfile_dir" "$(dirname "$state_file")" || exit 1
 # Stopped mid-write (systemctl stop, as `enable` does): leave no temp file behind.
 tmp='' state_tmp=''
-trap 'rm -f "$tmp" "$state_tmp"; exit 143' TERM INT HUP
+stopped() {{ rm -f "$tmp" "$state_tmp"; exit "$1"; }}
+trap 'stopped 129' HUP
+trap 'stopped 130' INT
+trap 'stopped 143' TERM
 tmp=$(mktemp "$textfile_dir/.{TEXTFILE_NAME}.XXXXXX") || exit 1
 if ! {{ metrics > "$tmp" && chmod 644 "$tmp" && mv -f "$tmp" {_q(textfile)}; }}; then
   rm -f "$tmp"
