@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.test_scenarios import inventory, ksm_guard
 from tests.results import hosts_of
-from tests.vm.guest import Guest
+from tests.vm.guest import WORKLOAD_TIMEOUT_S, Guest
 from tests.vm.session import VmSession
 
 pytestmark = pytest.mark.xdist_group("sharing-vm")
@@ -62,10 +62,11 @@ def _start(guest: Guest) -> dict[str, int]:
         f" {PAGES if fill.startswith('pages:') else PAGES * 9 // 10} ]"
         for name, fill in WORKLOADS.items()
     )
-    guest.ssh(
-        f"for i in $(seq 1800); do if {merged}; then echo 0 > /sys/kernel/mm/ksm/run; exit 0; fi;"
-        " sleep 0.1; done; grep -H . /sys/kernel/mm/ksm/*; exit 1",
-        timeout=300,
+    guest.await_condition(
+        f"{merged} && echo 0 > /sys/kernel/mm/ksm/run",
+        WORKLOAD_TIMEOUT_S,
+        "grep -H . /sys/kernel/mm/ksm/*",
+        "the workloads not merged",
     )
     return pids
 

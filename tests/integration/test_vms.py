@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import BIN
 from tests.integration.test_scenarios import ROOT, ksm_guard
 from tests.results import hosts_of
-from tests.vm.guest import WORKLOAD_SCRIPT, Guest
+from tests.vm.guest import WORKLOAD_SCRIPT, WORKLOAD_TIMEOUT_S, Guest
 from tests.vm.inventory import write_inventory
 from tests.vm.recipe import RELEASES
 from tests.vm.session import VmSession
@@ -77,11 +77,12 @@ def node(vm_session: VmSession, release: str) -> Iterator[Guest]:
             " -pidfile /var/run/qemu-server/100.pid >/var/tmp/kvm.log 2>&1 </dev/null &"
         )
         pages = MIB * 1024 * 1024 // 4096
-        guest.ssh(
-            "for i in $(seq 1800); do grep -qx ready /var/tmp/kvm.log && p=$(cat "
-            "/var/run/qemu-server/100.pid) && [ $(cat /proc/$p/ksm_merging_pages) -ge "
-            f"{pages * 9 // 10} ] && exit 0; sleep 0.1; done; cat /var/tmp/kvm.log; exit 1",
-            timeout=300,
+        guest.await_condition(
+            "grep -qx ready /var/tmp/kvm.log && p=$(cat /var/run/qemu-server/100.pid) &&"
+            f" [ $(cat /proc/$p/ksm_merging_pages) -ge {pages * 9 // 10} ]",
+            WORKLOAD_TIMEOUT_S,
+            "cat /var/tmp/kvm.log",
+            "VM 100 not merged",
         )
         yield guest
     finally:

@@ -170,8 +170,9 @@ class Guest:
             f"--- last {CONSOLE_TAIL_LINES} lines of {self.console} ---\n{self.console_tail()}"
         )
 
-    def _await(self, condition: str, timeout: float, on_timeout: str, failure: str) -> str:
-        """Poll a shell ``condition`` in the guest; return its stdout, or raise ``failure``."""
+    def await_condition(self, condition: str, timeout: float, on_timeout: str, failure: str) -> str:
+        """Poll a shell ``condition`` in the guest every 0.1 s for ``timeout`` seconds; return its
+        stdout, or raise ``failure`` with the output of ``on_timeout``."""
         result = self.ssh(
             bounded_poll(condition, timeout, on_timeout), check=False, timeout=timeout + 30
         )
@@ -344,7 +345,7 @@ class Guest:
             f"nohup setsid {program} {GUEST_WORKLOAD_PATH} {mib} {tag}.pid {LIFETIME_S} {fill}"
             f" {args} >{tag}.log 2>&1 </dev/null &"
         )
-        self._await(
+        self.await_condition(
             f"grep -qx ready {tag}.log",
             timeout,
             f"cat {tag}.log",
@@ -371,7 +372,7 @@ class Guest:
         # ksmtuned (debian flavour) may write run=0 meanwhile: put it back while we wait.
         pages = mib * 1024 * 1024 // int(page_size)
         target = int(before) + int(pages * 0.9)
-        self._await(
+        self.await_condition(
             f'[ "$(cat {KSM_SYSFS}/run)" = 1 ] || echo 1 > {KSM_SYSFS}/run;'
             f" [ $(($(cat {shared}) + $(cat {sharing}))) -ge {target} ]"
             f' && [ "$(cat {sharing})" -gt 0 ]',
